@@ -1,0 +1,191 @@
+"""Create one virtual environment per peer under ``benchmarks/.venvs/`` and install it from PyPI.
+
+Usage: ``.venv/bin/python benchmarks/setup_peers.py [--force] [peer ...]``
+
+Each peer gets the Python it needs (FastSQLA and fastapi-async-sqlalchemy need 3.12) and the
+same uvicorn as the project's own virtualenv, so only the session layer differs. A peer whose
+Python is missing is skipped with a note (the benchmark table prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VENVS = HERE / ".venvs"
+UVICORN = f"uvicorn=={metadata.version('uvicorn')}"
+DRIVERS_SYNC = ["psycopg[binary]>=3.1"]
+DRIVERS_ASYNC = ["asyncpg>=0.29", "aiosqlite>=0.19"]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer library: its venv name, the Python it needs and what to install."""
+
+    name: str
+    requirements: list[str]
+    python: tuple[int, int] = (3, 11)
+    module: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+PEERS: dict[str, Peer] = {
+    "fastapi-utils": Peer(
+        "fastapi-utils",
+        # The [session] extra imports typing_inspect without depending on it (DESIGN §7).
+        ["fastapi-utils[session]", "typing_inspect", "sqlalchemy>=2", UVICORN, *DRIVERS_SYNC],
+        module="fastapi_utils",
+        notes=["typing_inspect installed by hand: fastapi-utils[session] fails to import without it"],
+    ),
+    "fastapi-sqla": Peer(
+        "fastapi-sqla",
+        ["fastapi-sqla", "fastapi<0.142", UVICORN, *DRIVERS_SYNC],
+        module="fastapi_sqla",
+        notes=["fastapi-sqla pins FastAPI < 0.142: measured on the FastAPI it accepts"],
+    ),
+    "fastsqla": Peer(
+        "fastsqla",
+        ["FastSQLA", UVICORN, *DRIVERS_ASYNC],
+        python=(3, 12),
+        module="fastsqla",
+    ),
+    "fastapi-async-sqlalchemy": Peer(
+        "fastapi-async-sqlalchemy",
+        ["fastapi-async-sqlalchemy", "fastapi", "sqlalchemy[asyncio]>=2", UVICORN, *DRIVERS_ASYNC],
+        python=(3, 12),
+        module="fastapi_async_sqlalchemy",
+    ),
+    "advanced-alchemy": Peer(
+        "advanced-alchemy",
+        ["advanced-alchemy", "fastapi", UVICORN, *DRIVERS_ASYNC],
+        module="advanced_alchemy",
+    ),
+}
+
+
+def find_python(version: tuple[int, int]) -> str | None:
+    """An interpreter of exactly ``version``: this one, ``pythonX.Y`` on PATH, or pyenv's."""
+    if sys.version_info[:2] == version:
+        return sys.executable
+    name = f"python{version[0]}.{version[1]}"
+    found = shutil.which(name)
+    candidates = [found] if found else []
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    if pyenv.is_dir():
+        candidates += [
+            str(p / "bin" / "python") for p in sorted(pyenv.iterdir()) if p.name.startswith(f"{name[6:]}.")
+        ]
+    for candidate in candidates:
+        try:
+            out = subprocess.run(
+                [candidate, "-c", f"import sys; print(sys.version_info[:2] == {version!r})"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except OSError:
+            continue
+        if out.stdout.strip() == "True":
+            return candidate
+    return None
+
+
+def venv_python(peer: str) -> Path:
+    """The interpreter of ``peer``'s virtualenv."""
+    return VENVS / peer / "bin" / "python"
+
+
+def status_file(peer: str) -> Path:
+    return VENVS / f"{peer}.json"
+
+
+def peer_status(peer: str) -> dict[str, object]:
+    """What setup recorded for ``peer``: ``{"ok": bool, "note": str, "versions": {...}}``."""
+    path = status_file(peer)
+    if not path.exists():
+        return {"ok": False, "note": "not installed: run benchmarks/setup_peers.py"}
+    data: dict[str, object] = json.loads(path.read_text())
+    return data
+
+
+def setup_peer(peer: Peer, *, force: bool) -> dict[str, object]:
+    """Create (or reuse) the peer's venv; returns and records its status."""
+    target = VENVS / peer.name
+    if force and target.exists():
+        shutil.rmtree(target)
+    python = find_python(peer.python)
+    if python is None:
+        status: dict[str, object] = {
+            "ok": False,
+            "note": f"skipped: needs Python {peer.python[0]}.{peer.python[1]}, none found",
+        }
+        status_file(peer.name).write_text(json.dumps(status, indent=2))
+        return status
+    if not venv_python(peer.name).exists():
+        subprocess.run([python, "-m", "venv", str(target)], check=True, timeout=300)
+        subprocess.run(
+            [str(venv_python(peer.name)), "-m", "pip", "install", "-q", "--upgrade", "pip"],
+            check=True,
+            timeout=600,
+        )
+    result = subprocess.run(
+        [str(venv_python(peer.name)), "-m", "pip", "install", "-q", *peer.requirements],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    if result.returncode != 0:
+        status = {"ok": False, "note": "pip install failed: " + result.stderr.strip().splitlines()[-1]}
+    else:
+        probe = subprocess.run(
+            [
+                str(venv_python(peer.name)),
+                "-c",
+                "import json, sys; from importlib import metadata as m; "
+                f"import {peer.module}; "
+                "names = ['fastapi', 'starlette', 'sqlalchemy', 'pydantic', 'uvicorn', sys.argv[1]]; "
+                "print(json.dumps({'python': sys.version.split()[0], "
+                "**{n: m.version(n) for n in names}}))",
+                peer.name,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if probe.returncode != 0:
+            last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+            status = {"ok": False, "note": f"import failed: {last}"}
+        else:
+            status = {"ok": True, "note": "; ".join(peer.notes), "versions": json.loads(probe.stdout)}
+    status_file(peer.name).write_text(json.dumps(status, indent=2))
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("peers", nargs="*", help="peers to set up (default: all)")
+    parser.add_argument("--force", action="store_true", help="recreate the virtualenvs")
+    args = parser.parse_args(argv)
+    VENVS.mkdir(parents=True, exist_ok=True)
+    names = args.peers or list(PEERS)
+    failed = 0
+    for name in names:
+        status = setup_peer(PEERS[name], force=args.force)
+        print(f"{name}: {'ok' if status['ok'] else 'NOT AVAILABLE'} {status.get('note', '')}".rstrip())
+        failed += not status["ok"]
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""SQLAlchemy sessions for FastAPI that commit before the response is sent.
+
+Example:
+    >>> import sqlalchemy as sa
+    >>> from fastapi import FastAPI
+    >>> from fastapi_sessionmaker import DBSession, FastAPISessionMaker
+    >>> db = FastAPISessionMaker("sqlite:///./example.db")
+    >>> app = FastAPI()
+    >>> db.init_app(app)
+    >>> @app.get("/answer")
+    ... def answer(session: DBSession) -> int:
+    ...     return session.execute(sa.text("SELECT 42")).scalar_one()
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from fastapi_sessionmaker._async import AsyncFastAPISessionMaker as AsyncFastAPISessionMaker
+from fastapi_sessionmaker._fastapi import default_async_session, default_sync_session
+from fastapi_sessionmaker._health import health_router as health_router
+from fastapi_sessionmaker._health import pool_stats as pool_stats
+from fastapi_sessionmaker._policy import CommitPolicy as CommitPolicy
+from fastapi_sessionmaker._policy import Problem as Problem
+from fastapi_sessionmaker._policy import default_error_mapper as default_error_mapper
+from fastapi_sessionmaker._settings import DatabaseSettings as DatabaseSettings
+from fastapi_sessionmaker._sync import FastAPISessionMaker as FastAPISessionMaker
+from fastapi_sessionmaker._sync import ReadOnlySession as ReadOnlySession
+from fastapi_sessionmaker.exceptions import ConcurrentSessionUseError as ConcurrentSessionUseError
+from fastapi_sessionmaker.exceptions import ConfigurationError as ConfigurationError
+from fastapi_sessionmaker.exceptions import DatabaseUnavailableError as DatabaseUnavailableError
+from fastapi_sessionmaker.exceptions import FastAPISessionMakerError as FastAPISessionMakerError
+from fastapi_sessionmaker.exceptions import NotInstalledError as NotInstalledError
+from fastapi_sessionmaker.exceptions import ReadOnlySessionError as ReadOnlySessionError
+from fastapi_sessionmaker.guid_type import GUID as GUID
+from fastapi_sessionmaker.guid_type import GUID_DEFAULT_SQLITE as GUID_DEFAULT_SQLITE
+from fastapi_sessionmaker.guid_type import (
+    GUID_SERVER_DEFAULT_POSTGRESQL as GUID_SERVER_DEFAULT_POSTGRESQL,
+)
+from fastapi_sessionmaker.guid_type import (
+    async_setup_guids_postgresql as async_setup_guids_postgresql,
+)
+from fastapi_sessionmaker.guid_type import setup_guids_postgresql as setup_guids_postgresql
+from fastapi_sessionmaker.session import context_session as context_session
+from fastapi_sessionmaker.session import get_engine as get_engine
+from fastapi_sessionmaker.session import (
+    get_sessionmaker_for_engine as get_sessionmaker_for_engine,
+)
+
+DBSession = Annotated[Session, Depends(default_sync_session, scope="function")]
+"""The request's ``Session`` from the app's first installed ``FastAPISessionMaker``."""
+
+AsyncDBSession = Annotated[AsyncSession, Depends(default_async_session, scope="function")]
+"""The request's ``AsyncSession`` from the app's first installed ``AsyncFastAPISessionMaker``."""
+
+__all__ = [
+    "GUID",
+    "GUID_DEFAULT_SQLITE",
+    "GUID_SERVER_DEFAULT_POSTGRESQL",
+    "AsyncDBSession",
+    "AsyncFastAPISessionMaker",
+    "CommitPolicy",
+    "ConcurrentSessionUseError",
+    "ConfigurationError",
+    "DBSession",
+    "DatabaseSettings",
+    "DatabaseUnavailableError",
+    "FastAPISessionMaker",
+    "FastAPISessionMakerError",
+    "NotInstalledError",
+    "Problem",
+    "ReadOnlySession",
+    "ReadOnlySessionError",
+    "async_setup_guids_postgresql",
+    "context_session",
+    "default_error_mapper",
+    "get_engine",
+    "get_sessionmaker_for_engine",
+    "health_router",
+    "pool_stats",
+    "setup_guids_postgresql",
+]

@@ -1,0 +1,490 @@
+"""FastAPI glue: the request guard that commits before the response, dependencies, lifespan.
+
+How a request session ends, in one place:
+
+1. A dependency opens the session and registers it with the request's :class:`RequestState`
+   (a context variable set by :class:`SessionGuard`). Its ``scope="function"`` teardown only
+   records whether an exception was raised through the endpoint.
+2. When the app sends ``http.response.start``, the guard asks the policy whether to commit (the
+   status is known, whether the response was returned, raised or made by an exception handler),
+   commits or rolls back, and only then lets the status line go out. A failed commit replaces
+   the response with a problem response (409/503/500) and is logged once.
+3. An exception that escapes the app rolls the sessions back; a database error becomes a
+   problem response, anything else is re-raised.
+   If the client has already disconnected when the status line is due, nothing is committed:
+   the sessions roll back (the client cannot learn that the write happened, and its retry must
+   not find it stored twice).
+4. When the response body is complete (before background tasks run), or else when the app returns
+   or is cancelled, every session is closed, shielded from cancellation. A closed request session
+   cannot be used again: it raises instead of opening a connection that would leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fastapi_sessionmaker._policy import CommitPolicy, Problem, default_error_mapper, log_mapped
+from fastapi_sessionmaker.exceptions import NotInstalledError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+logger = logging.getLogger("fastapi_sessionmaker")
+
+ErrorMapper = Callable[[BaseException], "Problem | None"]
+
+_T = TypeVar("_T")
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # another event loop (trio): anyio's shield covers every cancellation
+        return None
+
+
+async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
+    """Await ``function(*args)`` to its end even if the calling task is cancelled meanwhile.
+
+    ``anyio.CancelScope(shield=True)`` stops anyio's cancel scopes but not a plain asyncio
+    ``task.cancel()`` (``asyncio.timeout``, ``wait_for``, a server cancelling its tasks): a second
+    cancellation would interrupt a commit or a rollback halfway. On asyncio the work runs in a task
+    of its own that cancellation cannot reach; a cancellation received meanwhile is re-raised once
+    the work is done, so the caller never returns before its cleanup finished.
+    """
+    loop = _asyncio_loop()
+    if loop is None:
+        with anyio.CancelScope(shield=True):
+            result = await function(*args)
+        return result
+    task = loop.create_task(function(*args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError as exc:
+        if task.done() and task.cancelled():
+            raise
+        cancelled = exc
+    with anyio.CancelScope(shield=True):  # no re-delivery by anyio while we wait
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError as exc:
+                if task.done() and task.cancelled():
+                    raise
+                cancelled = exc
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("cleanup failed while the request was cancelled", exc_info=task.exception())
+    raise cancelled
+
+
+async def poll_receive(receive: Receive) -> Message | None:
+    """The next ASGI message if the server has one ready, ``None`` if ``receive`` would wait.
+
+    Runs in a task of its own (see :func:`run_to_completion`): the interruption is a plain
+    ``task.cancel()`` scheduled for the next loop iteration, far cheaper than a cancelled anyio
+    scope. A server that knows the client is gone answers ``http.disconnect`` at once.
+    """
+    loop = _asyncio_loop()
+    if loop is None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            return await receive()
+        return None
+    task = asyncio.current_task()
+    assert task is not None
+    fired = False
+
+    def interrupt() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    handle = loop.call_soon(interrupt)
+    try:
+        return await receive()
+    except asyncio.CancelledError:
+        if not fired:
+            raise
+        if sys.version_info >= (3, 11):
+            task.uncancel()
+        return None
+    finally:
+        handle.cancel()
+
+
+class RequestMaker(Protocol):
+    """What the guard needs from a maker (sync or async)."""
+
+    name: str
+    policy: CommitPolicy
+    is_async: bool
+
+    def _new_request_session(self, policy: CommitPolicy) -> Any: ...
+
+    def _request_limiter(self) -> Any: ...
+
+    async def _end_transaction(self, session: Any, commit: bool) -> None: ...
+
+    async def _close_session(self, session: Any) -> None: ...
+
+
+class _Entry:
+    __slots__ = ("closed", "finished", "maker", "policy", "semaphore", "session", "shared")
+
+    def __init__(
+        self,
+        maker: RequestMaker,
+        session: Any,
+        policy: CommitPolicy,
+        semaphore: asyncio.Semaphore | None,
+        shared: bool,
+    ) -> None:
+        self.maker = maker
+        self.session = session
+        self.policy = policy
+        self.semaphore = semaphore
+        self.shared = shared
+        self.finished = False
+        self.closed = False
+
+    def release(self) -> None:
+        if self.semaphore is not None:
+            self.semaphore.release()
+            self.semaphore = None
+
+
+class Registry:
+    """The makers installed on one app (``app.state.fastapi_sessionmaker``)."""
+
+    def __init__(self) -> None:
+        self.makers: dict[str, RequestMaker] = {}
+        self.default_sync: RequestMaker | None = None
+        self.default_async: RequestMaker | None = None
+        self.error_mapper: ErrorMapper = default_error_mapper
+
+    def add(self, maker: RequestMaker) -> None:
+        existing = self.makers.get(maker.name)
+        if existing is not None and existing is not maker:
+            raise ValueError(
+                f"a maker named {maker.name!r} is already installed on this app: give each "
+                "database its own name=..."
+            )
+        self.makers[maker.name] = maker
+        if maker.is_async:
+            if self.default_async is None:
+                self.default_async = maker
+        elif self.default_sync is None:
+            self.default_sync = maker
+
+
+class RequestState:
+    """The sessions one HTTP request opened, and whether an exception went through the endpoint."""
+
+    __slots__ = ("client_gone", "entries", "raised", "registry")
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.entries: list[_Entry] = []
+        self.raised = False
+        self.client_gone = False
+
+    async def open(self, maker: RequestMaker, policy: CommitPolicy | None) -> Any:
+        """The request's session for ``maker``: one per maker and request, opened on first use."""
+        for entry in self.entries:
+            if entry.maker is maker and entry.shared:
+                return entry.session
+        limiter = maker._request_limiter()
+        semaphore = await limiter.acquire() if limiter is not None else None
+        try:
+            chosen = maker.policy if policy is None else policy
+            session = maker._new_request_session(chosen)
+        except BaseException:
+            if semaphore is not None:
+                semaphore.release()
+            raise
+        self.entries.append(_Entry(maker, session, chosen, semaphore, shared=True))
+        return session
+
+    def adopt(self, maker: RequestMaker, session: Any) -> None:
+        """Register a session opened elsewhere (``get_db()``) so it commits before the response."""
+        self.entries.append(_Entry(maker, session, maker.policy, None, shared=False))
+
+    async def finish(
+        self, status: int | None, client_gone: Callable[[], Awaitable[bool]] | None = None
+    ) -> tuple[BaseException, RequestMaker] | None:
+        """Commit or roll back every open session; the first failure, if any.
+
+        ``client_gone`` is asked once, just before the first commit: when it answers True the
+        client has disconnected and every session rolls back instead.
+        """
+        failure: tuple[BaseException, RequestMaker] | None = None
+        for entry in self.entries:
+            if entry.finished:
+                continue
+            entry.finished = True
+            commit = failure is None and entry.policy.should_commit(status=status, raised=self.raised)
+            if commit and client_gone is not None:
+                self.client_gone = await client_gone()
+                client_gone = None
+            if self.client_gone:
+                commit = False
+            try:
+                await entry.maker._end_transaction(entry.session, commit)
+            except Exception as exc:
+                if failure is None:
+                    failure = (exc, entry.maker)
+                else:
+                    logger.exception("rollback failed on database %r", entry.maker.name)
+            finally:
+                entry.release()
+        return failure
+
+    def needs_io_to_close(self) -> bool:
+        """Whether closing may talk to a database (a transaction is still open somewhere)."""
+        return any(
+            not entry.closed and (not entry.finished or entry.session.in_transaction())
+            for entry in self.entries
+        )
+
+    async def close(self) -> None:
+        """Close every session (when the response is complete, or the request ends or is cancelled)."""
+        for entry in self.entries:
+            if entry.closed:
+                continue
+            entry.closed = True
+            try:
+                if not entry.finished:
+                    entry.finished = True
+                    await entry.maker._end_transaction(entry.session, False)
+                await entry.maker._close_session(entry.session)
+            except Exception:
+                logger.exception("closing a session of database %r failed", entry.maker.name)
+            finally:
+                entry.release()
+
+
+_current: ContextVar[RequestState | None] = ContextVar("fastapi_sessionmaker_request", default=None)
+
+
+def current_state() -> RequestState | None:
+    """The request state of the request being served in this context, if any."""
+    return _current.get()
+
+
+def require_state() -> RequestState:
+    state = _current.get()
+    if state is None:
+        raise NotInstalledError(
+            "fastapi_sessionmaker: this app has no session guard, so the request session cannot "
+            "be committed before the response. Call maker.init_app(app) once after creating the "
+            "app (or, in tests, use the app that did)."
+        )
+    return state
+
+
+async def _send_problem(send: Send, problem: Problem) -> None:
+    body = json.dumps(problem.body()).encode()
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    headers.extend((k.lower().encode(), v.encode()) for k, v in problem.headers.items())
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+_INTERNAL = Problem(500, "Internal Server Error", "The request could not be completed.")
+
+
+class SessionGuard:
+    """Pure ASGI layer installed by ``init_app``: commits request sessions before the response.
+
+    It costs one context-variable set and one ``send`` wrapper per HTTP request; requests that
+    open no session do no database work and no thread hop.
+    """
+
+    def __init__(self, app: ASGIApp, registry: Registry) -> None:
+        self.app = app
+        self.registry = registry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = RequestState(self.registry)
+        token = _current.set(state)
+        started = False
+        replaced = False
+        disconnected = False
+        unread: list[Message] = []  # a message our disconnect check took, for the app
+
+        async def guarded_receive() -> Message:
+            nonlocal disconnected
+            if unread:
+                return unread.pop(0)
+            if disconnected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+            return message
+
+        async def client_gone() -> bool:
+            nonlocal disconnected
+            if not disconnected:
+                message = await poll_receive(receive)
+                if message is not None:
+                    if message["type"] == "http.disconnect":
+                        disconnected = True
+                    else:
+                        unread.append(message)
+            return disconnected
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started, replaced
+            if replaced:
+                return
+            if message["type"] == "http.response.start":
+                if state.entries:
+                    failure = await run_to_completion(state.finish, message["status"], client_gone)
+                    if state.client_gone:
+                        logger.warning(
+                            "client disconnected before the commit: rolled back %s %s",
+                            scope.get("method", ""),
+                            scope.get("path", ""),
+                        )
+                    if failure is not None:
+                        replaced = True
+                        started = True
+                        await _send_problem(send, self._problem(failure, scope))
+                        return
+                started = True
+            await send(message)
+            # The response is complete: give the connections back before background tasks
+            # run, and make the request's sessions unusable from them (clear error).
+            if state.entries and message["type"] == "http.response.body" and not message.get("more_body"):
+                await self._close(state)
+
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except Exception as exc:
+            if not state.entries and started:
+                raise
+            if state.entries:
+                state.raised = True
+                await run_to_completion(state.finish, None)
+            if started:
+                raise
+            problem = self.registry.error_mapper(exc)
+            if problem is None:
+                raise
+            maker = state.entries[0].maker if state.entries else None
+            log_mapped(
+                problem,
+                exc,
+                method=scope.get("method", ""),
+                path=scope.get("path", ""),
+                database=maker.name if maker is not None else "?",
+            )
+            await _send_problem(send, problem)
+        finally:
+            if state.entries:
+                await self._close(state)
+            _current.reset(token)
+
+    @staticmethod
+    async def _close(state: RequestState) -> None:
+        if state.needs_io_to_close():
+            await run_to_completion(state.close)
+        else:
+            await state.close()  # nothing to roll back: no I/O, so nothing to interrupt
+
+    def _problem(self, failure: tuple[BaseException, RequestMaker], scope: Scope) -> Problem:
+        exc, maker = failure
+        problem = self.registry.error_mapper(exc)
+        if problem is None:
+            logger.error(
+                "commit failed with a non-database error on %s %s (database %r)",
+                scope.get("method", ""),
+                scope.get("path", ""),
+                maker.name,
+                exc_info=exc,
+            )
+            return _INTERNAL
+        log_mapped(
+            problem,
+            exc,
+            method=scope.get("method", ""),
+            path=scope.get("path", ""),
+            database=maker.name,
+        )
+        return problem
+
+
+def registry_for(app: FastAPI, *, error_mapper: ErrorMapper | None = None) -> Registry:
+    """The app's registry, installing the guard on first use."""
+    registry = getattr(app.state, "fastapi_sessionmaker", None)
+    if not isinstance(registry, Registry):
+        registry = Registry()
+        app.state.fastapi_sessionmaker = registry
+        app.add_middleware(SessionGuard, registry=registry)
+    if error_mapper is not None:
+        registry.error_mapper = error_mapper
+    return registry
+
+
+def chain_lifespan(app: FastAPI, hook: Callable[[], contextlib.AbstractAsyncContextManager[None]]) -> None:
+    """Run ``hook()`` around the app's own lifespan (start-up check, dispose at shutdown)."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        async with hook(), inner(app_) as state:
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
+def dependency_for(
+    resolve: Callable[[RequestState], RequestMaker], policy: CommitPolicy | None
+) -> Callable[[], AsyncIterator[Any]]:
+    """An async-generator dependency yielding the request's session of ``resolve(state)``."""
+
+    async def request_session() -> AsyncIterator[Any]:
+        state = require_state()
+        session = await state.open(resolve(state), policy)
+        try:
+            yield session
+        except BaseException:
+            state.raised = True
+            raise
+
+    return request_session
+
+
+def _default_sync(state: RequestState) -> RequestMaker:
+    if state.registry.default_sync is None:
+        raise NotInstalledError("DBSession needs a FastAPISessionMaker installed with maker.init_app(app)")
+    return state.registry.default_sync
+
+
+def _default_async(state: RequestState) -> RequestMaker:
+    if state.registry.default_async is None:
+        raise NotInstalledError(
+            "AsyncDBSession needs an AsyncFastAPISessionMaker installed with maker.init_app(app)"
+        )
+    return state.registry.default_async
+
+
+default_sync_session = dependency_for(_default_sync, None)
+default_async_session = dependency_for(_default_async, None)

@@ -1,0 +1,63 @@
+"""The exceptions this package raises.
+
+Database errors are never wrapped: SQLAlchemy's (and the driver's) exceptions reach your code and
+the HTTP edge as they were raised. What this package adds is for configuration and misuse::
+
+    FastAPISessionMakerError
+    ├── ConcurrentSessionUseError (also a RuntimeError) one AsyncSession used by several tasks at once
+    ├── ConfigurationError (also a ValueError)      a bad DATABASE_URI, unknown dialect, missing driver
+    ├── DatabaseUnavailableError                     the start-up check could not reach the database
+    ├── NotInstalledError (also a RuntimeError)      a request dependency used without ``init_app(app)``
+    └── ReadOnlySessionError (also a RuntimeError)   a flush of ORM changes in a read-only session
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConcurrentSessionUseError",
+    "ConfigurationError",
+    "DatabaseUnavailableError",
+    "FastAPISessionMakerError",
+    "NotInstalledError",
+    "ReadOnlySessionError",
+]
+
+
+class FastAPISessionMakerError(Exception):
+    """Base class of every exception defined by fastapi-sessionmaker."""
+
+
+class ConcurrentSessionUseError(FastAPISessionMakerError, RuntimeError):
+    """An ``AsyncSession`` was used by a second task while an operation of the first was running.
+
+    A session (like its one connection) runs one operation at a time; ``asyncio.gather`` over one
+    session fails in driver-specific ways, so the sessions of the async maker refuse it with this
+    error. Give each task its own session: ``async with maker.task_session() as session:``.
+    """
+
+
+class ConfigurationError(FastAPISessionMakerError, ValueError):
+    """The database settings cannot work: the message names the variable or the extra to install.
+
+    Example:
+        >>> from fastapi_sessionmaker import FastAPISessionMaker
+        >>> FastAPISessionMaker("not a url").cached_engine  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fastapi_sessionmaker.exceptions.ConfigurationError: DATABASE_URI is not a valid ...
+    """
+
+
+class DatabaseUnavailableError(FastAPISessionMakerError):
+    """The database did not answer the start-up check (``lifespan`` / ``check_connection``).
+
+    The message holds the URL with its password hidden and the driver's error class.
+    """
+
+
+class NotInstalledError(FastAPISessionMakerError, RuntimeError):
+    """A request session was asked for in an app where ``maker.init_app(app)`` was not called."""
+
+
+class ReadOnlySessionError(FastAPISessionMakerError, RuntimeError):
+    """An ORM flush was attempted in a session opened with ``CommitPolicy.READ_ONLY``."""

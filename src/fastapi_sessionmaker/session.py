@@ -1,0 +1,63 @@
+"""fastapi-utils compatible names: change ``fastapi_utils.session`` to ``fastapi_sessionmaker.session``.
+
+Example:
+    >>> from fastapi_sessionmaker.session import FastAPISessionMaker, context_session, get_engine
+    >>> engine = get_engine("sqlite://")
+    >>> with context_session(engine) as session:
+    ...     session.execute(sa.text("SELECT 1")).scalar()
+    1
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from fastapi_sessionmaker._base import engine_kwargs, resolve_url
+from fastapi_sessionmaker._sync import FastAPISessionMaker, create_checked_engine, unit_of_work
+
+__all__ = ["FastAPISessionMaker", "context_session", "get_engine", "get_sessionmaker_for_engine"]
+
+
+def get_engine(uri: str) -> sa.Engine:
+    """A new engine for ``uri`` whose dead pooled connections are replaced on checkout (fastapi-utils name).
+
+    Example:
+        >>> engine = get_engine("sqlite:///./app.db")
+        >>> engine.url.render_as_string()
+        'sqlite+pysqlite:///./app.db'
+    """
+    url = resolve_url(uri, is_async=False)
+    return create_checked_engine(url, engine_kwargs(url, {}, is_async=False), "uri")
+
+
+def get_sessionmaker_for_engine(engine: sa.Engine) -> sessionmaker[Session]:
+    """A sessionmaker bound to ``engine``, with fastapi-utils' ``autoflush=False``.
+
+    Example:
+        >>> SessionLocal = get_sessionmaker_for_engine(get_engine("sqlite://"))
+        >>> with SessionLocal() as session:
+        ...     session.execute(sa.text("SELECT 1")).scalar()
+        1
+    """
+    return sessionmaker(bind=engine, autoflush=False)
+
+
+@contextlib.contextmanager
+def context_session(engine: sa.Engine) -> Iterator[Session]:
+    """A session on ``engine``: commit on success, rollback on error, always closed.
+
+    Example:
+        >>> engine = get_engine("sqlite://")
+        >>> with context_session(engine) as session:
+        ...     _ = session.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+        ...     _ = session.execute(sa.text("INSERT INTO t VALUES (1)"))
+        >>> with context_session(engine) as session:
+        ...     session.execute(sa.text("SELECT x FROM t")).scalar()
+        1
+    """
+    with unit_of_work(get_sessionmaker_for_engine(engine)(), commit=True) as session:
+        yield session

@@ -1,0 +1,343 @@
+"""The pytest plugin: each test in a transaction that is rolled back, the app's sessions joined to it.
+
+Loaded through the ``pytest11`` entry point (or ``-p fastapi_sessionmaker.testing``) and inert until
+configured: it only registers its options and fixtures. Configure it in ``pyproject.toml``::
+
+    [tool.pytest.ini_options]
+    fsm_database_url = "postgresql://postgres@127.0.0.1/myapp"   # or FSM_TEST_DATABASE_URL
+    fsm_app = "myapp.main:app"
+    fsm_metadata = "myapp.models:Base.metadata"
+
+See ``docs/testing.md`` for the fixtures and how isolation works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import httpx
+    import sqlalchemy as sa
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+    from sqlalchemy.orm import Session
+
+    from fastapi_sessionmaker.testing._database import TestDatabase
+
+__all__ = [
+    "fsm_app",
+    "fsm_async_client",
+    "fsm_async_connection",
+    "fsm_async_engine",
+    "fsm_async_session",
+    "fsm_client",
+    "fsm_connection",
+    "fsm_database",
+    "fsm_database_url",
+    "fsm_engine",
+    "fsm_metadata",
+    "fsm_session",
+]
+
+URL_VARIABLES = ("FSM_TEST_DATABASE_URL", "DATABASE_URI")
+DEFAULT_URL = "sqlite://"
+"""The test database when none is configured: SQLite in memory."""
+_ACTIVE = pytest.StashKey[bool]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("fastapi-sessionmaker", "fastapi-sessionmaker test database")
+    group.addoption(
+        "--fsm-database-url",
+        dest="fsm_database_url",
+        default=None,
+        help="Database the tests derive their own database from "
+        "(default: ini fsm_database_url, $FSM_TEST_DATABASE_URL, $DATABASE_URI).",
+    )
+    parser.addini("fsm_database_url", "Database URL the test database is derived from.", default="")
+    parser.addini(
+        "fsm_app", "The FastAPI app as 'module:attribute' (a trailing () calls a factory).", default=""
+    )
+    parser.addini(
+        "fsm_metadata", "MetaData whose tables are created once per run, 'module:attribute'.", default=""
+    )
+    parser.addini(
+        "fsm_create_database",
+        "Create (and drop) test_<name>[_gwN] beside the configured database (false: use it as is).",
+        type="bool",
+        default=True,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_ACTIVE] = bool(
+        config.getoption("fsm_database_url")
+        or config.getini("fsm_database_url")
+        or config.getini("fsm_app")
+        or os.environ.get("FSM_TEST_DATABASE_URL")
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if not config.stash.get(_ACTIVE, False):
+        return None
+    app = config.getini("fsm_app") or "fixture fsm_app"
+    return f"fastapi-sessionmaker: app {app}, each test rolled back"
+
+
+def load_object(spec: str, option: str) -> Any:
+    """Import ``'package.module:attribute.path'``; a trailing ``()`` calls the result.
+
+    Example:
+        >>> load_object("os.path:join", "fsm_app") is os.path.join
+        True
+    """
+    module_name, sep, attribute = spec.strip().partition(":")
+    if not sep or not module_name or not attribute:
+        raise pytest.UsageError(f"{option} = {spec!r}: expected 'package.module:attribute'")
+    call = attribute.endswith("()")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attribute.removesuffix("()").split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise pytest.UsageError(f"{option} = {spec!r}: {type(exc).__name__}: {exc}") from exc
+    return obj() if call else obj
+
+
+def configured_url(config: pytest.Config) -> str | None:
+    """The database URL from the option, the ini file or the environment (in that order)."""
+    for value in (config.getoption("fsm_database_url"), config.getini("fsm_database_url")):
+        if value:
+            return str(value)
+    for variable in URL_VARIABLES:
+        if os.environ.get(variable):
+            return os.environ[variable]
+    return None
+
+
+def _makers(app: FastAPI | None, *, is_async: bool) -> list[Any]:
+    if app is None:
+        return []
+    registry = getattr(app.state, "fastapi_sessionmaker", None)
+    if registry is None:
+        raise pytest.UsageError(
+            "fsm_app has no session maker installed: call maker.init_app(app) when creating the app"
+        )
+    return [maker for maker in registry.makers.values() if maker.is_async is is_async]
+
+
+@contextlib.contextmanager
+def join_connection(makers: list[Any], connection: Any) -> Iterator[None]:
+    """Make ``makers`` hand out sessions joined to ``connection`` until the block ends.
+
+    The fixtures do this for the makers installed on the app; use it for other makers.
+
+    Example:
+        >>> import sqlalchemy as sa
+        >>> from fastapi_sessionmaker import FastAPISessionMaker
+        >>> maker = FastAPISessionMaker("sqlite://")
+        >>> engine = sa.create_engine("sqlite://")
+        >>> with engine.connect() as connection, join_connection([maker], connection):
+        ...     maker.cached_engine is engine
+        True
+    """
+    for maker in makers:
+        maker._join(connection)
+    try:
+        yield
+    finally:
+        _leave(makers)
+
+
+def _leave(makers: list[Any]) -> None:
+    for maker in makers:
+        maker._join(None)
+
+
+# -- configuration fixtures (override them in your conftest.py) -------------------------------
+@pytest.fixture(scope="session")
+def fsm_app(pytestconfig: pytest.Config) -> FastAPI | None:
+    """The app under test, from the ``fsm_app`` ini option; override it to build the app yourself."""
+    spec = pytestconfig.getini("fsm_app")
+    return load_object(spec, "fsm_app") if spec else None
+
+
+@pytest.fixture(scope="session")
+def fsm_metadata(pytestconfig: pytest.Config) -> sa.MetaData | None:
+    """The ``MetaData`` whose tables are created once per run (ini ``fsm_metadata``)."""
+    spec = pytestconfig.getini("fsm_metadata")
+    return load_object(spec, "fsm_metadata") if spec else None
+
+
+@pytest.fixture(scope="session")
+def fsm_database(pytestconfig: pytest.Config) -> Iterator[TestDatabase]:
+    """The test database of this run (and xdist worker): created first, dropped at the end."""
+    from fastapi_sessionmaker.exceptions import ConfigurationError
+    from fastapi_sessionmaker.testing._database import TestDatabase
+
+    url = configured_url(pytestconfig) or DEFAULT_URL
+    try:
+        database = TestDatabase(url, create=pytestconfig.getini("fsm_create_database"))
+    except ConfigurationError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    database.setup()
+    try:
+        yield database
+    finally:
+        database.teardown()
+
+
+@pytest.fixture(scope="session")
+def fsm_database_url(fsm_database: TestDatabase) -> str:
+    """The test database's URL with its password (use ``fsm_database.safe_url()`` for logs)."""
+    return fsm_database.url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def fsm_engine(fsm_database: TestDatabase, fsm_metadata: sa.MetaData | None) -> Iterator[sa.Engine]:
+    """The sync engine of the run, with the tables of ``fsm_metadata`` created once."""
+    engine = fsm_database.engine()
+    try:
+        if fsm_metadata is not None:
+            with engine.begin() as connection:
+                fsm_metadata.create_all(connection)
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def fsm_async_engine(fsm_engine: sa.Engine, fsm_database: TestDatabase) -> AsyncEngine:
+    """The async engine of the run (no pool: each test's event loop opens its own connection)."""
+    return fsm_database.async_engine()
+
+
+# -- per test: sync -------------------------------------------------------------------------
+@pytest.fixture
+def fsm_connection(fsm_engine: sa.Engine) -> Iterator[sa.Connection]:
+    """One connection in an outer transaction that is rolled back after the test."""
+    with fsm_engine.connect() as connection:
+        transaction = connection.begin()
+        try:
+            yield connection
+        finally:
+            if transaction.is_active:
+                transaction.rollback()
+
+
+@pytest.fixture
+def fsm_session(fsm_connection: sa.Connection) -> Iterator[Session]:
+    """A ``Session`` in the test's transaction: its commits release savepoints, nothing more."""
+    from sqlalchemy.orm import Session
+
+    with Session(bind=fsm_connection, join_transaction_mode="create_savepoint") as session:
+        yield session
+
+
+@pytest.fixture(autouse=True)
+def _fsm_join_app(request: pytest.FixtureRequest) -> Iterator[None]:
+    """While a test runs, the app's sync makers hand out sessions in the test's transaction.
+
+    Does nothing (and opens nothing) when no app is configured, so the plugin stays inert.
+    """
+    makers = _makers(request.getfixturevalue("fsm_app"), is_async=False)
+    if not makers:
+        yield
+        return
+    with join_connection(makers, request.getfixturevalue("fsm_connection")):
+        yield
+
+
+@pytest.fixture
+def fsm_client(
+    fsm_app: FastAPI | None, fsm_connection: sa.Connection, request: pytest.FixtureRequest
+) -> Iterator[TestClient]:
+    """A started ``TestClient`` for the app; every maker of the app works in the test's transaction."""
+    from fastapi.testclient import TestClient
+
+    if fsm_app is None:
+        raise pytest.UsageError(
+            "fsm_client needs the app: set fsm_app in the ini options or override the fsm_app fixture"
+        )
+    sync_makers = _makers(fsm_app, is_async=False)
+    async_makers = _makers(fsm_app, is_async=True)
+    async_engine: AsyncEngine | None = request.getfixturevalue("fsm_async_engine") if async_makers else None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(join_connection(sync_makers, fsm_connection))
+        stack.callback(_leave, async_makers)
+        for maker in async_makers:  # the app's start-up check connects to the test database
+            maker._joined_engine = async_engine
+        client = stack.enter_context(TestClient(fsm_app))
+        if async_makers:
+            # The async connection lives on the client's event loop, like the app's requests.
+            assert client.portal is not None
+            assert async_engine is not None
+            connection = client.portal.call(_begin, async_engine)
+            stack.callback(client.portal.call, _rollback, connection)
+            for maker in async_makers:
+                maker._join(connection)
+        yield client
+
+
+# -- per test: async (run by anyio's pytest plugin, which ships with FastAPI) --------------------
+async def _begin(engine: AsyncEngine) -> AsyncConnection:
+    connection = await engine.connect()
+    await connection.begin()
+    return connection
+
+
+async def _rollback(connection: AsyncConnection) -> None:
+    try:
+        if connection.in_transaction():
+            await connection.rollback()
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def fsm_async_connection(
+    anyio_backend: str, fsm_async_engine: AsyncEngine, fsm_app: FastAPI | None
+) -> AsyncIterator[AsyncConnection]:
+    """An ``AsyncConnection`` in an outer transaction, rolled back after the test.
+
+    The app's async makers hand out sessions joined to it while the test runs.
+    """
+    connection = await _begin(fsm_async_engine)
+    try:
+        with join_connection(_makers(fsm_app, is_async=True), connection):
+            yield connection
+    finally:
+        await _rollback(connection)
+
+
+@pytest.fixture
+async def fsm_async_session(fsm_async_connection: AsyncConnection) -> AsyncIterator[AsyncSession]:
+    """An ``AsyncSession`` in the test's transaction (commits release savepoints)."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    async with AsyncSession(bind=fsm_async_connection, join_transaction_mode="create_savepoint") as session:
+        yield session
+
+
+@pytest.fixture
+async def fsm_async_client(
+    fsm_app: FastAPI | None, fsm_async_connection: AsyncConnection
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An ``httpx.AsyncClient`` calling the app in-process (no lifespan), in the test's transaction."""
+    import httpx
+
+    if fsm_app is None:
+        raise pytest.UsageError(
+            "fsm_async_client needs the app: set fsm_app in the ini options or override the fsm_app fixture"
+        )
+    transport = httpx.ASGITransport(app=fsm_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client

@@ -1,0 +1,236 @@
+"""The async twin beyond the shared behaviour: one session per task, and its docs page.
+
+``asyncio.gather`` over one ``AsyncSession`` raises :class:`ConcurrentSessionUseError` (instead of
+driver-specific failures), and ``maker.task_session()`` gives each task its own session under the
+same commit policy. On SQLite (aiosqlite), PostgreSQL (asyncpg) and MariaDB (aiomysql).
+"""
+
+import asyncio
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from fastapi_sessionmaker import (
+    AsyncFastAPISessionMaker,
+    ConcurrentSessionUseError,
+    ReadOnlySessionError,
+)
+from tests.conftest import Maker, checked_out, pool_of
+from tests.models import User, reset_tables, stored_emails
+
+ASYNC = pytest.mark.parametrize("twin", ["async"])
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "async.md"
+
+
+@ASYNC
+def test_gather_over_one_session_raises_a_clear_error(maker: Maker) -> None:
+    assert isinstance(maker, AsyncFastAPISessionMaker)
+
+    async def scenario() -> None:
+        try:
+            with pytest.raises(ConcurrentSessionUseError, match=r"task_session\(\)") as caught:
+                async with maker.context_session() as session:
+                    await asyncio.gather(
+                        session.execute(sa.text("SELECT 1")),
+                        session.execute(sa.text("SELECT 2")),
+                    )
+            assert "execute() is still running in another task" in str(caught.value)
+            # The first statement was allowed to finish, then everything was rolled back and closed.
+            assert checked_out(pool_of(maker)) == 0
+        finally:
+            await maker.dispose()
+
+    asyncio.run(scenario())
+
+
+@ASYNC
+def test_one_task_after_another_is_fine(maker: Maker) -> None:
+    """Only overlapping use is refused: sequential awaits and ``scalars`` (which nests) work."""
+    assert isinstance(maker, AsyncFastAPISessionMaker)
+
+    async def scenario() -> list[int]:
+        try:
+            async with maker.context_session() as session:
+                first = (await session.execute(sa.text("SELECT 1"))).scalar_one()
+                rest = list(await session.scalars(sa.text("SELECT 2")))
+                return [first, *rest]
+        finally:
+            await maker.dispose()
+
+    assert asyncio.run(scenario()) == [1, 2]
+
+
+@ASYNC
+def test_gather_over_the_request_session_is_a_500_and_rolls_back(
+    maker: Maker, sync_engine: sa.Engine, serve: Callable[..., httpx.Client]
+) -> None:
+    assert isinstance(maker, AsyncFastAPISessionMaker)
+    reset_tables(sync_engine)
+    app = FastAPI()
+    maker.init_app(app)
+    errors: list[BaseException] = []
+
+    @app.post("/gather")
+    async def gather(session: Annotated[AsyncSession, maker.dependency]) -> None:
+        session.add(User(email="lost@x"))
+        try:
+            await asyncio.gather(session.flush(), session.execute(sa.text("SELECT 1")))
+        except ConcurrentSessionUseError as exc:
+            errors.append(exc)
+            raise
+
+    client = serve(app)
+    assert client.post("/gather").status_code == 500
+    assert len(errors) == 1
+    assert stored_emails(sync_engine) == []
+    assert checked_out(pool_of(maker)) == 0
+
+
+@ASYNC
+def test_task_sessions_commit_each_task(
+    maker: Maker, sync_engine: sa.Engine, serve: Callable[..., httpx.Client]
+) -> None:
+    assert isinstance(maker, AsyncFastAPISessionMaker)
+    reset_tables(sync_engine)
+    app = FastAPI()
+    maker.init_app(app)
+
+    async def create(email: str) -> str:
+        async with maker.task_session() as session:
+            session.add(User(email=email))
+            await session.flush()
+            return email
+
+    @app.post("/many")
+    async def many(session: Annotated[AsyncSession, maker.dependency]) -> list[str]:
+        # The request session and three task sessions, each on its own connection.
+        session.add(User(email="request@x"))
+        return list(await asyncio.gather(create("a@x"), create("b@x"), create("c@x")))
+
+    @app.post("/one-fails")
+    async def one_fails() -> list[str]:
+        # a@x exists: 409. Wait for both tasks (plain gather returns at the first error while the
+        # other task still runs), then raise the failure.
+        results = await asyncio.gather(create("d@x"), create("a@x"), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [str(result) for result in results]
+
+    client = serve(app)
+    response = client.post("/many")
+    assert response.status_code == 200
+    assert response.json() == ["a@x", "b@x", "c@x"]
+    assert stored_emails(sync_engine) == ["a@x", "b@x", "c@x", "request@x"]
+    # Each task is its own unit of work: the failing one rolled back, the other committed.
+    conflict = client.post("/one-fails")
+    assert conflict.status_code == 409
+    assert stored_emails(sync_engine) == ["a@x", "b@x", "c@x", "d@x", "request@x"]
+    assert checked_out(pool_of(maker)) == 0
+
+
+@ASYNC
+def test_task_session_follows_the_request_policy(maker: Maker, sync_engine: sa.Engine) -> None:
+    assert isinstance(maker, AsyncFastAPISessionMaker)
+    reset_tables(sync_engine)
+    app = FastAPI()
+    maker.init_app(app)
+
+    @app.post("/read-only")
+    async def read_only(session: Annotated[AsyncSession, maker.depends(policy="read_only")]) -> int:
+        await session.execute(sa.text("SELECT 1"))
+        async with maker.task_session() as task:
+            task.add(User(email="refused@x"))
+            await task.flush()
+        return 0  # pragma: no cover
+
+    @app.post("/manual")
+    async def manual() -> int:
+        async with maker.task_session(policy="manual") as task:
+            task.add(User(email="not-committed@x"))
+            await task.flush()
+        return 1
+
+    with TestClient(app) as client:
+        with pytest.raises(ReadOnlySessionError):
+            client.post("/read-only")
+        assert client.post("/manual").json() == 1
+    assert stored_emails(sync_engine) == []
+
+
+@ASYNC
+def test_task_session_outside_requests_uses_the_maker_policy(maker: Maker, sync_engine: sa.Engine) -> None:
+    assert isinstance(maker, AsyncFastAPISessionMaker)
+    reset_tables(sync_engine)
+
+    async def scenario() -> None:
+        async def create(email: str) -> None:
+            async with maker.task_session() as session:
+                session.add(User(email=email))
+
+        try:
+            await asyncio.gather(*(create(f"{n}@x") for n in range(3)))
+        finally:
+            await maker.dispose()
+
+    asyncio.run(scenario())
+    assert stored_emails(sync_engine) == ["0@x", "1@x", "2@x"]
+
+
+# -- docs/async.md ---------------------------------------------------------------------------
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)
+
+
+def test_docs_have_the_examples_we_test() -> None:
+    assert len(python_blocks()) == 3
+
+
+def test_docs_quick_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "docs_async_quick_start"}
+    exec(python_blocks()[0], namespace)
+    app = namespace["app"]
+    assert isinstance(app, FastAPI)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        created = client.post("/notes", params={"text": "hello"})
+        assert created.status_code == 201
+        assert client.get(f"/notes/{created.json()['id']}").json() == {"id": 1, "text": "hello"}
+        assert client.post("/notes", params={"text": "hello"}).status_code == 409
+
+
+def test_docs_disconnect_example_rolls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Callable[..., httpx.Client]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "docs_async_disconnect"}
+    exec(python_blocks()[0] + python_blocks()[1], namespace)
+    app = namespace["app"]
+    assert isinstance(app, FastAPI)
+    client = serve(app)
+    # The client waits: the payment is stored.
+    assert client.post("/payments", params={"amount": 5}).status_code == 200
+    assert client.get("/payments/count").json() == 1
+
+
+def test_docs_task_session_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "docs_async_tasks"}
+    exec(python_blocks()[0] + python_blocks()[2], namespace)
+    app = namespace["app"]
+    assert isinstance(app, FastAPI)
+    with TestClient(app) as client:
+        client.post("/notes", params={"text": "a"})
+        client.post("/notes", params={"text": "b"})
+        assert client.get("/dashboard").json() == {"notes": 2, "longest": 1}

@@ -1,0 +1,24 @@
+"""The benchmark's smoke mode keeps working: it runs, every response is 2xx, rows add up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_smoke_mode_passes_its_correctness_check() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "correctness check: PASSED" in result.stdout, output[-3000:]
+    assert "| ours-sync | sync |" in result.stdout, output[-3000:]

@@ -1,0 +1,61 @@
+"""The README keeps its promises: two set-up commands, CI runs the second, its examples run."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
+
+
+def test_first_block_holds_the_two_setup_commands() -> None:
+    first = re.search(r"```[a-z]*\n(.*?)```", README, flags=re.DOTALL)
+    assert first is not None
+    lines = first.group(1).strip().splitlines()
+    assert lines == ["./scripts/demo", "./scripts/test"]
+    for line in lines:
+        script = ROOT / line.removeprefix("./")
+        assert script.is_file(), script
+        assert os.access(script, os.X_OK), script
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "scripts/test" in ci.splitlines()[-1]
+
+
+def test_demo_serves_on_localhost_8000_with_sqlite_default() -> None:
+    demo = (ROOT / "scripts" / "demo").read_text()
+    assert "--host 127.0.0.1 --port 8000" in demo
+    from examples.models import DEFAULT_DATABASE_URI
+
+    assert DEFAULT_DATABASE_URI.startswith("sqlite:///")
+
+
+@pytest.fixture
+def in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_quick_start_commits_before_the_response(in_tmp_dir: Path) -> None:
+    namespace: dict[str, object] = {"__name__": "readme_quick_start"}
+    exec(python_blocks()[0], namespace)
+    app = namespace["app"]
+    with TestClient(app, raise_server_exceptions=False) as client:  # type: ignore[arg-type]
+        assert client.post("/notes", params={"text": "hello"}).status_code == 201
+        duplicate = client.post("/notes", params={"text": "hello"})
+        assert duplicate.status_code == 409
+        assert duplicate.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("index", [1, 2])
+def test_other_examples_run(index: int, in_tmp_dir: Path) -> None:
+    exec(python_blocks()[index], {"__name__": f"readme_block_{index}"})
