@@ -78,7 +78,11 @@ class PrivatePostgres:
         return (self.directory / "data" / "postmaster.pid").exists()
 
     def terminate_backends(self) -> int:
-        """Kill every other backend of this private server; how many were killed."""
+        """Kill every other backend of this private server; how many were killed.
+
+        The timeout makes ``pg_terminate_backend`` wait until each backend has exited (and so has
+        sent its goodbye to the client): a kill still in flight could not be seen by any check.
+        """
         admin = sa.create_engine(
             self.url.replace("postgresql://", "postgresql+psycopg://"),
             poolclass=sa.NullPool,
@@ -88,7 +92,8 @@ class PrivatePostgres:
             with admin.connect() as connection:
                 killed = connection.execute(
                     sa.text(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) "
+                        "FROM pg_stat_activity "
                         "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
                     )
                 ).scalar_one()
@@ -104,7 +109,8 @@ class PrivatePostgres:
         )
         try:
             with admin.connect() as connection:
-                assert connection.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+                kill = sa.text("SELECT pg_terminate_backend(:pid, 5000)")
+                assert connection.execute(kill, {"pid": pid}).scalar()
         finally:
             admin.dispose()
 
