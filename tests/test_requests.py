@@ -278,6 +278,65 @@ def test_exception_with_a_handler_returning_200_still_rolls_back(
     assert_pool_idle(maker)
 
 
+def test_raised_http_exception_rolls_back_under_commit_unless_raised(
+    make_maker: MakerFactory, sync_engine: sa.Engine, client_for: ClientFactory
+) -> None:
+    # The status alone (404) cannot tell a raised error from a returned one: the policy commits
+    # returned 4xx responses, so only the record of the raise keeps this write out.
+    reset_tables(sync_engine)
+    maker = make_maker(policy=CommitPolicy.COMMIT_UNLESS_RAISED)
+
+    def write_then_raise_404(session: Session) -> None:
+        add_and_flush("a@x")(session)
+        raise HTTPException(status_code=404, detail="raised, not returned")
+
+    app = new_app(maker)
+    route(app, maker, "/users", write_then_raise_404)
+    client = client_for(app)
+
+    response = client.post("/users")
+
+    assert response.status_code == 404
+    assert stored_emails(sync_engine) == []
+    assert_pool_idle(maker)
+
+
+def test_handled_exception_is_seen_through_an_http_middleware_inside_the_guard(
+    maker: Maker, sync_engine: sa.Engine, client_for: ClientFactory
+) -> None:
+    # ``@app.middleware("http")`` added before ``init_app`` sits inside the guard and relays the
+    # response from another task: the raise must still be recorded where it happened.
+    reset_tables(sync_engine)
+
+    def write_then_raise(session: Session) -> None:
+        add_and_flush("a@x")(session)
+        raise HandledError
+
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"handled": type(exc).__name__}, status_code=200)
+
+    app = FastAPI()
+    relayed: list[int] = []
+
+    @app.middleware("http")
+    async def relay(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        relayed.append(response.status_code)
+        return response
+
+    maker.init_app(app)
+    app.add_exception_handler(HandledError, handler)
+    route(app, maker, "/users", write_then_raise)
+    client = client_for(app)
+
+    response = client.post("/users")
+
+    assert response.status_code == 200
+    assert relayed == [200]
+    assert stored_emails(sync_engine) == []
+    assert_pool_idle(maker)
+
+
 def test_manual_policy_stores_only_what_the_endpoint_committed(
     maker: Maker, sync_engine: sa.Engine, serve: Callable[..., httpx.Client]
 ) -> None:

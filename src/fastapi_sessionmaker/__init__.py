@@ -51,10 +51,10 @@ from fastapi_sessionmaker.session import (
     get_sessionmaker_for_engine as get_sessionmaker_for_engine,
 )
 
-DBSession = Annotated[Session, Depends(default_sync_session, scope="function")]
+DBSession = Annotated[Session, Depends(default_sync_session)]
 """The request's ``Session`` from the app's first installed ``FastAPISessionMaker``."""
 
-AsyncDBSession = Annotated[AsyncSession, Depends(default_async_session, scope="function")]
+AsyncDBSession = Annotated[AsyncSession, Depends(default_async_session)]
 """The request's ``AsyncSession`` from the app's first installed ``AsyncFastAPISessionMaker``."""
 
 __all__ = [

@@ -351,7 +351,7 @@ class MakerBase:
         """
         key = None if policy is None else CommitPolicy(policy)
         if key not in self._dependencies:
-            self._dependencies[key] = Depends(dependency_for(lambda state: self, key), scope="function")
+            self._dependencies[key] = Depends(dependency_for(lambda state: self, key))
         return self._dependencies[key]
 
     def init_app(
