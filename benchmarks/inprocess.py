@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import run as bench  # the same databases, approaches and virtualenvs as the throughput run
 
+    bench.use_project_venv()
+
     rounds, requests = args.rounds, args.requests
     names = args.approach or ["ours-sync", "tutorial-sync", "ours-async", "tutorial-async", "bare"]
     endpoints = args.endpoints.split(",")

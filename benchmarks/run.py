@@ -225,10 +225,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+OWN_PYTHON = [Path(sys.executable)]
+"""The interpreter of ours, the tutorial and bare: this one (smoke), or the ``project`` venv."""
+
+
 def python_for(approach: Approach) -> Path:
     if approach.peer is None:
-        return Path(sys.executable)
+        return OWN_PYTHON[0]
     return setup_peers.venv_python(approach.peer)
+
+
+def use_project_venv() -> None:
+    """Run ours, the tutorial and bare from ``benchmarks/.venvs/project`` (the peers' Python)."""
+    if not setup_peers.venv_python("project").exists():
+        setup_peers.main(["project"])
+    if setup_peers.peer_status("project").get("ok"):
+        OWN_PYTHON[0] = setup_peers.venv_python("project")
+    else:
+        print("project venv not available: ours, tutorial and bare run on this interpreter", flush=True)
 
 
 class Server:
@@ -718,6 +732,8 @@ def versions(run: Run) -> dict[str, dict[str, str]]:
     own = {"python": platform.python_version()}
     own.update({n: metadata.version(n) for n in names})
     own["fastapi-sessionmaker"] = metadata.version("fastapi-sessionmaker")
+    if OWN_PYTHON[0] != Path(sys.executable):
+        own = dict(setup_peers.peer_status("project").get("versions", own))  # type: ignore[call-overload]
     out = {"ours, tutorial, bare": own}
     for approach in APPROACHES:
         if approach.peer and any(c.approach == approach.name for c in run.cells):
@@ -797,11 +813,15 @@ def main(argv: list[str] | None = None) -> int:
         loadgen=loadgen,
     )
     peers = sorted({BY_NAME[a].peer for a in approaches if BY_NAME[a].peer})
+    if not smoke:
+        peers.append("project")
     missing = [p for p in peers if args.setup or not setup_peers.venv_python(p).exists()]
     if missing:
         print(f"setting up peers: {', '.join(missing)}", flush=True)
         setup_peers.main([*missing, *(["--force"] if args.setup else [])])
 
+    if not smoke:
+        use_project_venv()
     run = Run(settings)
     started = time.monotonic()
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
@@ -845,15 +865,18 @@ def main(argv: list[str] | None = None) -> int:
 
 APPS_NOTE = (
     "The apps (`benchmarks/apps/`, one file per approach) serve the same three endpoints with the"
-    " same model, the same pydantic response model and the same pool (size 10, no overflow,"
-    " pre-ping on). Each session layer is used as its docs show: ours with `init_app` and"
-    " `DBSession`/`AsyncDBSession` (the guard commits; the POST calls `flush()` for the id);"
+    " same model, the same pydantic response model and the same pool (size 10, no overflow)."
+    " Each session layer is used as its docs show, defaults included: ours with `init_app` and"
+    " `DBSession`/`AsyncDBSession` (the guard commits; the POST calls `flush()` for the id; dead"
+    " connections are caught by its socket check on checkout, no round trip);"
     " the tutorial pattern as in the FastAPI docs (`Depends(get_db)`, `commit()` then"
-    " `refresh()` in the POST; the async one is the same code on `AsyncSession`); the peers"
-    " with their own commit at the end of the request (fastapi-utils' `get_db`, fastapi-sqla's"
-    " middleware, FastSQLA's `Session`, fastapi-async-sqlalchemy with `commit_on_exit=True`,"
-    " advanced-alchemy with `commit_mode='autocommit'`). The machine is shared: read the ratios,"
-    " which compare cells measured next to each other, not the absolute numbers.\n\n"
+    " `refresh()` in the POST; the async one is the same code on `AsyncSession`; no dead-connection"
+    " handling); the peers with their own commit at the end of the request (fastapi-utils' `get_db`"
+    " with the `pool_pre_ping=True` its `get_engine` sets, fastapi-sqla's middleware, FastSQLA's"
+    " `Session`, fastapi-async-sqlalchemy with `commit_on_exit=True`, advanced-alchemy with"
+    " `commit_mode='autocommit'`). Every approach runs on the same Python (3.12 when installed, as"
+    " FastSQLA needs it) in its own virtualenv. The machine is shared: read the ratios, which"
+    " compare cells measured next to each other, not the absolute numbers.\n\n"
 )
 
 

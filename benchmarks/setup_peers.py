@@ -2,9 +2,11 @@
 
 Usage: ``.venv/bin/python benchmarks/setup_peers.py [--force] [peer ...]``
 
-Each peer gets the Python it needs (FastSQLA and fastapi-async-sqlalchemy need 3.12) and the
-same uvicorn as the project's own virtualenv, so only the session layer differs. A peer whose
-Python is missing is skipped with a note (the benchmark table prints it).
+Every virtualenv, the peers' and ``project`` (this library, editable, which also serves the
+tutorial and bare apps), is made with one interpreter, Python 3.12 when it is found (FastSQLA
+and fastapi-async-sqlalchemy need it), and the same uvicorn as the project's own virtualenv, so
+that only the session layer differs between approaches. Without 3.12, everything runs on this
+interpreter and a peer that needs a newer one is skipped with a note (the table prints it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 VENVS = HERE / ".venvs"
+BENCH_PYTHON = (3, 12)
+"""The interpreter every benchmark virtualenv is made with, when it is installed."""
 UVICORN = f"uvicorn=={metadata.version('uvicorn')}"
 DRIVERS_SYNC = ["psycopg[binary]>=3.1"]
 DRIVERS_ASYNC = ["asyncpg>=0.29", "aiosqlite>=0.19"]
@@ -28,16 +33,23 @@ DRIVERS_ASYNC = ["asyncpg>=0.29", "aiosqlite>=0.19"]
 
 @dataclass(frozen=True)
 class Peer:
-    """A peer library: its venv name, the Python it needs and what to install."""
+    """A peer library: its venv name, the oldest Python it runs on and what to install."""
 
     name: str
     requirements: list[str]
-    python: tuple[int, int] = (3, 11)
+    python: tuple[int, int] = (3, 10)
     module: str = ""
     notes: list[str] = field(default_factory=list)
+    dist: str = ""  # the distribution whose version is reported (default: ``name``)
 
 
 PEERS: dict[str, Peer] = {
+    "project": Peer(
+        "project",
+        ["-e", f"{ROOT}[postgres,asyncpg,aiosqlite]", UVICORN],
+        module="fastapi_sessionmaker",
+        dist="fastapi-sessionmaker",
+    ),
     "fastapi-utils": Peer(
         "fastapi-utils",
         # The [session] extra imports typing_inspect without depending on it (DESIGN §7).
@@ -122,8 +134,11 @@ def setup_peer(peer: Peer, *, force: bool) -> dict[str, object]:
     target = VENVS / peer.name
     if force and target.exists():
         shutil.rmtree(target)
-    python = find_python(peer.python)
-    if python is None:
+    python = find_python(BENCH_PYTHON) or sys.executable
+    found = subprocess.run(
+        [python, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    if (int(found[0]), int(found[1])) < peer.python:
         status: dict[str, object] = {
             "ok": False,
             "note": f"skipped: needs Python {peer.python[0]}.{peer.python[1]}, none found",
@@ -156,7 +171,7 @@ def setup_peer(peer: Peer, *, force: bool) -> dict[str, object]:
                 "names = ['fastapi', 'starlette', 'sqlalchemy', 'pydantic', 'uvicorn', sys.argv[1]]; "
                 "print(json.dumps({'python': sys.version.split()[0], "
                 "**{n: m.version(n) for n in names}}))",
-                peer.name,
+                peer.dist or peer.name,
             ],
             capture_output=True,
             text=True,

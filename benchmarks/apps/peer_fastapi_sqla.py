@@ -19,7 +19,6 @@ os.environ.update(
         "sqlalchemy_pool_size": str(POOL_SIZE),
         "sqlalchemy_max_overflow": "0",
         "sqlalchemy_pool_timeout": str(int(POOL_TIMEOUT)),
-        "sqlalchemy_pool_pre_ping": "true",
     }
 )
 

@@ -19,7 +19,9 @@ from sqlalchemy.orm import Session
 
 class PooledSessionMaker(FastAPISessionMaker):
     def get_new_engine(self) -> sa.engine.Engine:
-        return sa.create_engine(self.database_uri, **ENGINE_OPTIONS)  # type: ignore[arg-type]
+        # fastapi-utils' own ``get_engine`` sets ``pool_pre_ping=True``: kept, with the shared pool.
+        options: dict[str, object] = {"pool_pre_ping": True, **ENGINE_OPTIONS}
+        return sa.create_engine(self.database_uri, **options)  # type: ignore[arg-type]
 
 
 @lru_cache

@@ -313,7 +313,7 @@ class AsyncFastAPISessionMaker(MakerBase):
         return self._limiter
 
     async def _end_transaction(self, session: AsyncSession, commit: bool) -> None:
-        if isinstance(session, SerialAsyncSession):
+        if isinstance(session, SerialAsyncSession) and session._fsm_running is not None:
             await session._wait_idle()  # a task still running on the session: let it end first
         if not session.in_transaction():
             return
@@ -327,7 +327,7 @@ class AsyncFastAPISessionMaker(MakerBase):
             raise
 
     async def _close_session(self, session: AsyncSession) -> None:
-        if isinstance(session, SerialAsyncSession):
+        if isinstance(session, SerialAsyncSession) and session._fsm_running is not None:
             await session._wait_idle()
         if session.in_transaction():
             await session.close()

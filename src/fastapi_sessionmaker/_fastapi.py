@@ -54,6 +54,18 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+if sys.version_info >= (3, 12):
+
+    def _start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """A task that runs ``coro`` at once up to its first wait (one loop turn saved)."""
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+
+else:
+
+    def _start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        return loop.create_task(coro)
+
+
 async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
     """Await ``function(*args)`` to its end even if the calling task is cancelled meanwhile.
 
@@ -68,7 +80,9 @@ async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *a
         with anyio.CancelScope(shield=True):
             result = await function(*args)
         return result
-    task = loop.create_task(function(*args))
+    task = _start(loop, function(*args))
+    if task.done():  # finished without waiting (Python >= 3.12 starts it eagerly): no shield needed
+        return task.result()
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError as exc:
