@@ -19,9 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 config = SQLAlchemyAsyncConfig(
     connection_string=ASYNC_URL,
     commit_mode="autocommit",
-    engine_config=EngineConfig(
-        pool_size=POOL_SIZE, max_overflow=0, pool_timeout=POOL_TIMEOUT
-    ),
+    engine_config=EngineConfig(pool_size=POOL_SIZE, max_overflow=0, pool_timeout=POOL_TIMEOUT),
     session_config=AsyncSessionConfig(expire_on_commit=False),
 )
 app = FastAPI()
