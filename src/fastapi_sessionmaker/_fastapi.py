@@ -327,11 +327,88 @@ async def _send_problem(send: Send, problem: Problem) -> None:
 _INTERNAL = Problem(500, "Internal Server Error", "The request could not be completed.")
 
 
+class _Exchange(RequestState):
+    """One HTTP request through the guard: its sessions plus the ASGI side (one object, no closures).
+
+    ``receive`` and ``send`` are what the app gets. A message the disconnect check took from the
+    server is handed to the app by the next ``receive``.
+    """
+
+    __slots__ = ("_receive", "_send", "disconnected", "guard", "replaced", "scope", "started", "unread")
+
+    def __init__(self, guard: SessionGuard, scope: Scope, receive: Receive, send: Send) -> None:
+        super().__init__(guard.registry)
+        self.guard = guard
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.started = False
+        self.replaced = False
+        self.disconnected = False
+        self.unread: list[Message] | None = None
+
+    async def receive(self) -> Message:
+        if self.unread:
+            return self.unread.pop(0)
+        if self.disconnected:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+        return message
+
+    async def gone(self) -> bool:
+        """Whether the client has disconnected, asked without waiting."""
+        if not self.disconnected:
+            message = await poll_receive(self._receive)
+            if message is not None:
+                if message["type"] == "http.disconnect":
+                    self.disconnected = True
+                else:
+                    if self.unread is None:
+                        self.unread = []
+                    self.unread.append(message)
+        return self.disconnected
+
+    async def send(self, message: Message) -> None:
+        if self.replaced:
+            return
+        if not self.entries:  # no session: pass through
+            if message["type"] == "http.response.start":
+                self.started = True
+            await self._send(message)
+            return
+        if message["type"] == "http.response.start":
+            failure = await run_to_completion(self.finish, message["status"], self.gone)
+            if self.client_gone:
+                logger.warning(
+                    "client disconnected before the commit: rolled back %s %s",
+                    self.scope.get("method", ""),
+                    self.scope.get("path", ""),
+                )
+            self.started = True
+            if failure is not None:
+                self.replaced = True
+                await _send_problem(self._send, self.guard._problem(failure, self.scope))
+                return
+        await self._send(message)
+        # The response is complete: give the connections back before background tasks
+        # run, and make the request's sessions unusable from them (clear error).
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            await self.close_all()
+
+    async def close_all(self) -> None:
+        if self.needs_io_to_close():
+            await run_to_completion(self.close)
+        else:
+            await self.close()  # nothing to roll back: no I/O, so nothing to interrupt
+
+
 class SessionGuard:
     """Pure ASGI layer installed by ``init_app``: commits request sessions before the response.
 
-    It costs one context-variable set and one ``send`` wrapper per HTTP request; requests that
-    open no session do no database work and no thread hop.
+    Per HTTP request it costs one object, one context-variable set and a ``send`` that passes
+    messages through; requests that open no session do no database work and no thread hop.
     """
 
     def __init__(self, app: ASGIApp, registry: Registry) -> None:
@@ -342,74 +419,22 @@ class SessionGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = RequestState(self.registry)
-        token = _current.set(state)
-        started = False
-        replaced = False
-        disconnected = False
-        unread: list[Message] = []  # a message our disconnect check took, for the app
-
-        async def guarded_receive() -> Message:
-            nonlocal disconnected
-            if unread:
-                return unread.pop(0)
-            if disconnected:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected = True
-            return message
-
-        async def client_gone() -> bool:
-            nonlocal disconnected
-            if not disconnected:
-                message = await poll_receive(receive)
-                if message is not None:
-                    if message["type"] == "http.disconnect":
-                        disconnected = True
-                    else:
-                        unread.append(message)
-            return disconnected
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started, replaced
-            if replaced:
-                return
-            if message["type"] == "http.response.start":
-                if state.entries:
-                    failure = await run_to_completion(state.finish, message["status"], client_gone)
-                    if state.client_gone:
-                        logger.warning(
-                            "client disconnected before the commit: rolled back %s %s",
-                            scope.get("method", ""),
-                            scope.get("path", ""),
-                        )
-                    if failure is not None:
-                        replaced = True
-                        started = True
-                        await _send_problem(send, self._problem(failure, scope))
-                        return
-                started = True
-            await send(message)
-            # The response is complete: give the connections back before background tasks
-            # run, and make the request's sessions unusable from them (clear error).
-            if state.entries and message["type"] == "http.response.body" and not message.get("more_body"):
-                await self._close(state)
-
+        exchange = _Exchange(self, scope, receive, send)
+        token = _current.set(exchange)
         try:
-            await self.app(scope, guarded_receive, guarded_send)
+            await self.app(scope, exchange.receive, exchange.send)
         except Exception as exc:
-            if not state.entries and started:
+            if not exchange.entries and exchange.started:
                 raise
-            if state.entries:
-                state.raised = True
-                await run_to_completion(state.finish, None)
-            if started:
+            if exchange.entries:
+                exchange.raised = True
+                await run_to_completion(exchange.finish, None)
+            if exchange.started:
                 raise
             problem = self.registry.error_mapper(exc)
             if problem is None:
                 raise
-            maker = state.entries[0].maker if state.entries else None
+            maker = exchange.entries[0].maker if exchange.entries else None
             log_mapped(
                 problem,
                 exc,
@@ -419,16 +444,9 @@ class SessionGuard:
             )
             await _send_problem(send, problem)
         finally:
-            if state.entries:
-                await self._close(state)
+            if exchange.entries:
+                await exchange.close_all()
             _current.reset(token)
-
-    @staticmethod
-    async def _close(state: RequestState) -> None:
-        if state.needs_io_to_close():
-            await run_to_completion(state.close)
-        else:
-            await state.close()  # nothing to roll back: no I/O, so nothing to interrupt
 
     def _problem(self, failure: tuple[BaseException, RequestMaker], scope: Scope) -> Problem:
         exc, maker = failure
