@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--docs", action="store_true", help="write docs/benchmarks-cpu.md")
     args = parser.parse_args(argv)
     if args.child:
         return child_main(args)
@@ -193,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     import run as bench  # the same databases, approaches and virtualenvs as the throughput run
 
     bench.use_project_venv()
+    run_state = bench.Run(bench.Settings([], [], [], 0, 0, 0, 0, 0, 0, 0, ""))
 
     rounds, requests = args.rounds, args.requests
-    names = args.approach or ["ours-sync", "tutorial-sync", "ours-async", "tutorial-async", "bare"]
+    wanted = args.approach or [a.name for a in bench.APPROACHES]
+    names = [n for n in wanted if bench.available(run_state, bench.BY_NAME[n])]
     endpoints = args.endpoints.split(",")
     results: dict[tuple[str, str, str], list[float]] = {}
     ratios: dict[tuple[str, str, str], list[float]] = {}
@@ -231,25 +234,62 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.drop_database(db_name)
     rows = []
-    print(f"\n| db | endpoint | approach | {unit} per request (median) | baseline / approach |")
-    print("|---|---|---|---:|---:|")
     for (db_name, endpoint, name), values in results.items():
-        ratio = statistics.median(ratios.get((db_name, endpoint, name), [float("nan")]))
-        median = statistics.median(values)
         rows.append(
             {
                 "db": db_name,
                 "endpoint": endpoint,
                 "approach": name,
-                "cpu_us": median,
+                "cpu_us": statistics.median(values),
                 "values": values,
-                "ratio": ratio,
+                "ratio": statistics.median(ratios.get((db_name, endpoint, name), [float("nan")])),
             }
         )
-        print(f"| {db_name} | {endpoint} | {name} | {statistics.median(values):,.1f} | {ratio:.3f} |")
+    table = markdown(rows, bench)
+    print("\n" + table)
     if args.json:
         args.json.write_text(json.dumps({"requests": requests, "rounds": rounds, "rows": rows}, indent=2))
+    if args.docs:
+        write_docs(table, rounds, requests, run_state, bench)
     return 0
+
+
+def markdown(rows: list[dict[str, Any]], bench: Any) -> str:
+    lines = [
+        "| db | endpoint | approach | kind | CPU µs per request | ratio | vs |",
+        "|---|---|---|---|---:|---:|---|",
+    ]
+    for row in rows:
+        approach = bench.BY_NAME[row["approach"]]
+        base = "bare" if row["endpoint"] == "ping" else approach.baseline
+        lines.append(
+            f"| {row['db']} | {bench.ENDPOINTS[row['endpoint']]} | {row['approach']} | {approach.kind}"
+            f" | {row['cpu_us']:,.1f} | {row['ratio']:.3f} | {base} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(table: str, rounds: int, requests: int, run_state: Any, bench: Any) -> None:
+    meta = bench.machine()
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    skipped = "".join(f"- {name}: {note}\n" for name, note in run_state.skipped.items())
+    page = (
+        "# CPU per request\n\n"
+        "What each session layer costs, without HTTP parsing or a load generator: every app of"
+        " `benchmarks/apps/` is called in-process as an ASGI app, like uvicorn calls it, against the"
+        " real database, and its process CPU time (all threads) is divided by the requests served."
+        " The ratio is the baseline's CPU over the approach's, per round, then the median: above 1.00"
+        " means cheaper than the tutorial pattern of the same kind (the bare app for `/ping`)."
+        " Throughput under load is in [benchmarks.md](benchmarks.md).\n\n"
+        "Reproduce: `.venv/bin/python benchmarks/inprocess.py --docs` (about 10 minutes).\n\n"
+        f"Date: {date}. Machine: {meta['cpu']} ({meta['nproc']} CPUs shared, load average at start"
+        f" {meta['loadavg']}), {meta['system']}. {rounds} interleaved rounds of {requests} requests"
+        " per cell, one at a time, after 200 of warm-up; every approach on the same Python in its"
+        " own virtualenv (see benchmarks.md for versions).\n\n" + table
+    )
+    if skipped:
+        page += "\nNot measured:\n\n" + skipped
+    (HERE.parent / "docs" / "benchmarks-cpu.md").write_text(page)
 
 
 if __name__ == "__main__":
