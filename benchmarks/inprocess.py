@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/inprocess.py                     # SQLite + PostgreSQL, ~3 min
     .venv/bin/python benchmarks/inprocess.py --db postgresql --endpoints get --rounds 9
+    .venv/bin/python benchmarks/inprocess.py --smoke             # seconds (CI)
 
 ``run.py`` measures what users see (throughput under ``wrk``); on a shared two-core machine its
 ratios move by several per cent from round to round. This script isolates the session layer:
@@ -187,13 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks-cpu.md")
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: SQLite, ours + tutorial, this interpreter (CI)"
+    )
     args = parser.parse_args(argv)
     if args.child:
         return child_main(args)
 
     import run as bench  # the same databases, approaches and virtualenvs as the throughput run
 
-    bench.use_project_venv()
+    if args.smoke:
+        args.db, args.rounds, args.requests, args.warmup = ["sqlite"], 1, 30, 10
+        args.approach = args.approach or ["ours-sync", "tutorial-sync", "ours-async", "tutorial-async"]
+        args.approach.append("bare")
+    else:
+        bench.use_project_venv()
     run_state = bench.Run(bench.Settings([], [], [], 0, 0, 0, 0, 0, 0, 0, ""))
 
     rounds, requests = args.rounds, args.requests

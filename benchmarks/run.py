@@ -57,7 +57,7 @@ sys.path.insert(0, str(HERE))
 import setup_peers  # noqa: E402  (benchmarks/ is not a package)
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-PG_DB = "fsm_bench"
+PG_DB = f"fsm_bench_{os.getpid()}"  # one per run: runs side by side (a smoke test) do not collide
 ROWS = 10_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -161,7 +161,7 @@ def prepare_database(name: str) -> Database:
     """Recreate the benchmark database with ``items`` holding ``ROWS`` rows."""
     if name == "sqlite":
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / "bench-sqlite.db"
+        path = RESULTS / f"bench-sqlite-{os.getpid()}.db"
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         db = Database(name, f"sqlite:///{path}", f"sqlite+aiosqlite:///{path}")
@@ -200,7 +200,10 @@ def prepare_database(name: str) -> Database:
 
 
 def drop_database(name: str) -> None:
-    if name == "postgresql":
+    if name == "sqlite":
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{RESULTS / f'bench-sqlite-{os.getpid()}.db'}{suffix}").unlink(missing_ok=True)
+    elif name == "postgresql":
         admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
         with admin.connect() as connection:
             connection.execute(sa.text(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)"))
