@@ -20,7 +20,7 @@ from fastapi_sessionmaker import (
     FastAPISessionMaker,
     NotInstalledError,
 )
-from fastapi_sessionmaker._fastapi import Registry, RequestState, _current, dependency_for
+from fastapi_sessionmaker._fastapi import Registry, RequestState, _current, dependency_for, enter_state
 from tests.conftest import checked_out, pool_of
 
 
@@ -58,7 +58,7 @@ def test_without_fastapis_endpoint_exit_stack_no_session_is_opened(tmp_path: Pat
     request = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""})
 
     async def call() -> None:
-        token = _current.set(state)
+        token = enter_state(state)
         try:
             await dependency(request)
         finally:
