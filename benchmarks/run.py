@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/run.py            # full run (~15 min): SQLite + PostgreSQL, peers
+    .venv/bin/python benchmarks/run.py            # full run (~25 min): SQLite + PostgreSQL, peers
     .venv/bin/python benchmarks/run.py --smoke    # a few seconds: SQLite, ours + tutorial (CI)
 
 Every approach is a tiny app in ``benchmarks/apps/`` served by uvicorn (one worker, 127.0.0.1,
@@ -806,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         oversub_approaches=[]
         if args.no_oversub
         else [a for a in (["ours-sync"] if smoke else OVERSUB_APPROACHES) if a in approaches],
-        repeats=args.repeats or (1 if smoke else 3),
+        repeats=args.repeats or (1 if smoke else 5),
         duration=args.duration or (1.0 if smoke else 3.0),
         warmup=args.warmup if args.warmup is not None else (0.0 if smoke else 1.0),
         connections=args.connections,
@@ -892,10 +892,10 @@ def write_docs(table: str, meta: dict[str, Any]) -> None:
         " `benchmarks/run.py` in one run: approaches interleaved, repeated, medians, and ratios to"
         " the baseline measured in the same round. The numbers are this machine's; the ratios are"
         " what the project claims.\n\n"
-        "Reproduce: `.venv/bin/python benchmarks/run.py --docs` (full, ~15 min; installs the peers"
-        " into `benchmarks/.venvs/`) or `.venv/bin/python benchmarks/run.py --smoke` (seconds).\n\n"
-        + APPS_NOTE
-        + table
+        "Reproduce: `.venv/bin/python benchmarks/run.py --docs` (full, ~25 min; installs the peers"
+        " into `benchmarks/.venvs/`) or `.venv/bin/python benchmarks/run.py --smoke` (seconds)."
+        " The CPU each approach costs per request, measured in-process with no HTTP noise, is in"
+        " [benchmarks-cpu.md](benchmarks-cpu.md).\n\n" + APPS_NOTE + table
     )
 
 
