@@ -251,14 +251,54 @@ class FastAPISessionMaker(MakerBase):
         return self._limiter
 
     async def _end_transaction(self, session: Session, commit: bool) -> None:
-        if session.in_transaction():
+        if not session.in_transaction():
+            return
+        if _ends_without_io(session):
+            _end_transaction(session, commit)  # nothing to wait for: no thread hop
+        else:
             await anyio.to_thread.run_sync(_end_transaction, session, commit)
 
     async def _close_session(self, session: Session) -> None:
-        if session.in_transaction():
+        if session.in_transaction() and not _ends_without_io(session):
             await anyio.to_thread.run_sync(session.close)
         else:
             session.close()
+
+
+_SESSION_HOOKS = (
+    "before_commit",
+    "after_commit",
+    "after_transaction_end",
+    "after_rollback",
+    "after_soft_rollback",
+)
+
+
+def _ends_without_io(session: Session) -> bool:
+    """Whether ending ``session``'s transaction can neither block nor run user code.
+
+    True when every DBAPI connection the session holds reports that no database transaction is
+    open (pysqlite begins one only at the first write, so a SQLite read ends with a commit that
+    does nothing) and no listener would run: then the commit is done on the event loop instead
+    of in a worker thread. Any doubt (another driver, a session or engine event) means a hop.
+    """
+    transaction = session.get_transaction()
+    connections = getattr(transaction, "_connections", None)
+    if not connections:
+        return False
+    dispatch = session.dispatch
+    if any(getattr(dispatch, name) for name in _SESSION_HOOKS):
+        return False
+    for entry in connections.values():
+        connection = entry[0]
+        if connection.dispatch.commit or connection.dispatch.rollback:
+            return False
+        if connection.engine.pool.dispatch.checkin or connection.engine.pool.dispatch.reset:
+            return False
+        dbapi_connection = connection.connection.dbapi_connection
+        if getattr(dbapi_connection, "in_transaction", None) is not False:
+            return False
+    return True
 
 
 def _end_transaction(session: Session, commit: bool) -> None:
