@@ -9,33 +9,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_benchmark_smoke_mode_passes_its_correctness_check() -> None:
+def run_smoke(script: str) -> str:
+    """Run ``benchmarks/<script> --smoke``; its standard output (it must exit 0)."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
         cwd=ROOT,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    assert "correctness check: PASSED" in result.stdout, output[-3000:]
-    assert "| ours-sync | sync |" in result.stdout, output[-3000:]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout
+
+
+def test_benchmark_smoke_mode_passes_its_correctness_check() -> None:
+    output = run_smoke("run.py")
+    assert "correctness check: PASSED" in output, output[-3000:]
+    assert "| ours-sync | sync |" in output, output[-3000:]
 
 
 def test_inprocess_cpu_benchmark_smoke_mode_measures_every_cell() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "inprocess.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| sqlite |")]
+    output = run_smoke("inprocess.py")
+    rows = [line for line in output.splitlines() if line.startswith("| sqlite |")]
     # ours and the tutorial pattern, sync and async, on three endpoints; bare on /ping only
     assert len(rows) == 4 * 3 + 1, output[-3000:]
     for row in rows:

@@ -206,13 +206,13 @@ class Registry:
 class RequestState:
     """The sessions one HTTP request opened, and whether an exception went through the endpoint."""
 
-    __slots__ = ("__weakref__", "client_gone", "entries", "raised", "registry")
+    # Flags are class-level defaults: a request that opens no session writes none of them.
+    raised = False
+    client_gone = False
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.entries: list[_Entry] = []
-        self.raised = False
-        self.client_gone = False
 
     async def open(self, maker: RequestMaker, policy: CommitPolicy | None) -> Any:
         """The request's session for ``maker``: one per maker and request, opened on first use."""
@@ -348,18 +348,19 @@ class _Exchange(RequestState):
     server is handed to the app by the next ``receive``.
     """
 
-    __slots__ = ("_receive", "_send", "disconnected", "guard", "replaced", "scope", "started", "unread")
+    started = False
+    replaced = False
+    disconnected = False
+    unread: list[Message] | None = None
 
     def __init__(self, guard: SessionGuard, scope: Scope, receive: Receive, send: Send) -> None:
-        super().__init__(guard.registry)
+        # RequestState.__init__ inlined: this runs for every HTTP request
+        self.registry = guard.registry
+        self.entries = []
         self.guard = guard
         self.scope = scope
         self._receive = receive
         self._send = send
-        self.started = False
-        self.replaced = False
-        self.disconnected = False
-        self.unread: list[Message] | None = None
 
     async def receive(self) -> Message:
         if self.unread:
