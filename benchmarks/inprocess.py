@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", action="append", choices=["sqlite", "postgresql"])
     parser.add_argument("--approach", action="append", help="approach names as in run.py (repeatable)")
     parser.add_argument("--endpoints", default="get,post,ping")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -290,7 +290,9 @@ def write_docs(table: str, rounds: int, requests: int, run_state: Any, bench: An
         " The ratio is the baseline's CPU over the approach's, per round, then the median: above 1.00"
         " means cheaper than the tutorial pattern of the same kind (the bare app for `/ping`)."
         " Throughput under load is in [benchmarks.md](benchmarks.md).\n\n"
-        "Reproduce: `.venv/bin/python benchmarks/inprocess.py --docs` (about 10 minutes).\n\n"
+        "Reproduce: `.venv/bin/python benchmarks/inprocess.py --docs"
+        f" --rounds {rounds} --requests {requests}`"
+        " (about 10 minutes with these settings; the peers' virtualenvs are the ones `run.py` makes).\n\n"
         f"Date: {date}. Machine: {meta['cpu']} ({meta['nproc']} CPUs shared, load average at start"
         f" {meta['loadavg']}), {meta['system']}. {rounds} interleaved rounds of {requests} requests"
         " per cell, one at a time, after 200 of warm-up; every approach on the same Python in its"
