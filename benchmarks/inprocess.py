@@ -293,7 +293,7 @@ def write_docs(table: str, rounds: int, requests: int, run_state: Any, bench: An
         "Reproduce: `.venv/bin/python benchmarks/inprocess.py --docs"
         f" --rounds {rounds} --requests {requests}`"
         " (about 10 minutes with these settings; the peers' virtualenvs are the ones `run.py` makes).\n\n"
-        f"Date: {date}. Machine: {meta['cpu']} ({meta['nproc']} CPUs shared, load average at start"
+        f"Date: {date}. Machine: {meta['cpu']} ({meta['nproc']} CPUs shared, load average"
         f" {meta['loadavg']}), {meta['system']}. {rounds} interleaved rounds of {requests} requests"
         " per cell, one at a time, after 200 of warm-up; every approach on the same Python in its"
         " own virtualenv (see benchmarks.md for versions).\n\n" + table
