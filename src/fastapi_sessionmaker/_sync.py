@@ -283,22 +283,22 @@ def _ends_without_io(session: Session) -> bool:
     of in a worker thread. Any doubt (another driver, a session or engine event) means a hop.
     """
     transaction = session.get_transaction()
-    connections = getattr(transaction, "_connections", None)
-    if not connections:
+    connections = [entry[0] for entry in getattr(transaction, "_connections", {}).values()]
+    # The driver first: for every database but SQLite this answers at once, on the hot path.
+    if not connections or any(
+        getattr(c.connection.dbapi_connection, "in_transaction", None) is not False for c in connections
+    ):
         return False
     dispatch = session.dispatch
     if any(getattr(dispatch, name) for name in _SESSION_HOOKS):
         return False
-    for entry in connections.values():
-        connection = entry[0]
-        if connection.dispatch.commit or connection.dispatch.rollback:
-            return False
-        if connection.engine.pool.dispatch.checkin or connection.engine.pool.dispatch.reset:
-            return False
-        dbapi_connection = connection.connection.dbapi_connection
-        if getattr(dbapi_connection, "in_transaction", None) is not False:
-            return False
-    return True
+    return not any(
+        c.dispatch.commit
+        or c.dispatch.rollback
+        or c.engine.pool.dispatch.checkin
+        or c.engine.pool.dispatch.reset
+        for c in connections
+    )
 
 
 def _end_transaction(session: Session, commit: bool) -> None:
