@@ -37,3 +37,14 @@ def test_inprocess_cpu_benchmark_smoke_mode_measures_every_cell() -> None:
     for row in rows:
         cpu = float(row.split("|")[5].replace(",", ""))
         assert cpu > 0, row
+
+
+def test_dependency_cost_benchmark_smoke_mode_measures_every_shape() -> None:
+    output = run_smoke("dependency_cost.py")
+    rows = [line for line in output.splitlines() if line.startswith("| ") and "µs" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "no dependency",
+        "plain coroutine",
+        "coroutine + exit callback (ours)",
+        "async generator (tutorial)",
+    ], output

@@ -354,9 +354,7 @@ class _Exchange(RequestState):
     unread: list[Message] | None = None
 
     def __init__(self, guard: SessionGuard, scope: Scope, receive: Receive, send: Send) -> None:
-        # RequestState.__init__ inlined: this runs for every HTTP request
-        self.registry = guard.registry
-        self.entries = []
+        super().__init__(guard.registry)
         self.guard = guard
         self.scope = scope
         self._receive = receive
@@ -515,7 +513,7 @@ def dependency_for(
     """A dependency returning the request's session of ``resolve(state)``.
 
     A plain coroutine, not a generator: FastAPI's generator machinery costs about 20 µs per
-    request (measured with ``benchmarks/inprocess.py``). Whether the endpoint raised is learned
+    request (``benchmarks/dependency_cost.py`` measures it). Whether the endpoint raised is learned
     from a callback on the exit stack FastAPI closes when the endpoint (and its
     ``scope="function"`` dependencies) are done, the moment a generator dependency's ``except``
     would run.
