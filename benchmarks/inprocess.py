@@ -203,11 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         args.approach.append("bare")
     else:
         bench.use_project_venv()
-    run_state = bench.Run(bench.Settings([], [], [], 0, 0, 0, 0, 0, 0, 0, ""))
 
     rounds, requests = args.rounds, args.requests
     wanted = args.approach or [a.name for a in bench.APPROACHES]
-    names = [n for n in wanted if bench.available(run_state, bench.BY_NAME[n])]
+    skipped: dict[str, str] = {}  # peers whose virtualenv is missing or failed: named on the page
+    for name in wanted:
+        peer = bench.BY_NAME[name].peer
+        status = bench.setup_peers.peer_status(peer) if peer else {"ok": True}
+        if not status.get("ok"):
+            skipped[name] = str(status.get("note", "not available"))
+    names = [n for n in wanted if n not in skipped]
     endpoints = args.endpoints.split(",")
     results: dict[tuple[str, str, str], list[float]] = {}
     ratios: dict[tuple[str, str, str], list[float]] = {}
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"requests": requests, "rounds": rounds, "rows": rows}, indent=2))
     if args.docs:
-        write_docs(table, rounds, requests, run_state, bench)
+        write_docs(table, rounds, requests, skipped, bench)
     return 0
 
 
@@ -278,10 +283,10 @@ def markdown(rows: list[dict[str, Any]], bench: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(table: str, rounds: int, requests: int, run_state: Any, bench: Any) -> None:
+def write_docs(table: str, rounds: int, requests: int, skipped_peers: dict[str, str], bench: Any) -> None:
     meta = bench.machine()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    skipped = "".join(f"- {name}: {note}\n" for name, note in run_state.skipped.items())
+    skipped = "".join(f"- {name}: {note}\n" for name, note in skipped_peers.items())
     page = (
         "# CPU per request\n\n"
         "What each session layer costs, without HTTP parsing or a load generator: every app of"
