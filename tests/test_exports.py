@@ -38,6 +38,7 @@ EXPECTED_ROOT = {
     "DatabaseUnavailableError",
     "NotInstalledError",
     "ReadOnlySessionError",
+    "ResponseStartedError",
     # fastapi-utils names
     "get_engine",
     "get_sessionmaker_for_engine",

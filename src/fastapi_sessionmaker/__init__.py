@@ -29,13 +29,14 @@ from fastapi_sessionmaker._policy import Problem as Problem
 from fastapi_sessionmaker._policy import default_error_mapper as default_error_mapper
 from fastapi_sessionmaker._settings import DatabaseSettings as DatabaseSettings
 from fastapi_sessionmaker._sync import FastAPISessionMaker as FastAPISessionMaker
-from fastapi_sessionmaker._sync import ReadOnlySession as ReadOnlySession
+from fastapi_sessionmaker._sessions import ReadOnlySession as ReadOnlySession
 from fastapi_sessionmaker.exceptions import ConcurrentSessionUseError as ConcurrentSessionUseError
 from fastapi_sessionmaker.exceptions import ConfigurationError as ConfigurationError
 from fastapi_sessionmaker.exceptions import DatabaseUnavailableError as DatabaseUnavailableError
 from fastapi_sessionmaker.exceptions import FastAPISessionMakerError as FastAPISessionMakerError
 from fastapi_sessionmaker.exceptions import NotInstalledError as NotInstalledError
 from fastapi_sessionmaker.exceptions import ReadOnlySessionError as ReadOnlySessionError
+from fastapi_sessionmaker.exceptions import ResponseStartedError as ResponseStartedError
 from fastapi_sessionmaker.guid_type import GUID as GUID
 from fastapi_sessionmaker.guid_type import GUID_DEFAULT_SQLITE as GUID_DEFAULT_SQLITE
 from fastapi_sessionmaker.guid_type import (
@@ -75,6 +76,7 @@ __all__ = [
     "Problem",
     "ReadOnlySession",
     "ReadOnlySessionError",
+    "ResponseStartedError",
     "async_setup_guids_postgresql",
     "context_session",
     "default_error_mapper",

@@ -16,12 +16,14 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from fastapi_sessionmaker._base import Limiter, MakerBase, install_liveness_check, unknown_driver
 from fastapi_sessionmaker._fastapi import current_state, run_to_completion
 from fastapi_sessionmaker._policy import CommitPolicy
-from fastapi_sessionmaker._sync import ReadOnlySession, unavailable
+from fastapi_sessionmaker._sessions import compose
+from fastapi_sessionmaker._sync import unavailable
 from fastapi_sessionmaker.exceptions import ConcurrentSessionUseError, ConfigurationError
 
 __all__ = ["AsyncFastAPISessionMaker"]
@@ -166,14 +168,15 @@ class AsyncFastAPISessionMaker(MakerBase):
     async def get_db(self) -> AsyncIterator[AsyncSession]:
         """Generator dependency in the fastapi-utils style: commit after the endpoint.
 
-        Under a plain ``Depends`` the commit runs after the response; :meth:`init_app` moves it
-        before the response.
+        Under a plain ``Depends`` the commit runs after the response; after :meth:`init_app` it
+        yields the request's session (the one ``AsyncDBSession`` gets), committed before the
+        response.
         """
-        session = self.cached_sessionmaker()
         state = current_state()
-        if state is not None:
-            state.adopt(self, session)
-        async with self._unit_of_work(session, commit=True):
+        if state is not None:  # the guard commits (or rolls back) the request's one session
+            yield state.share(self)
+            return
+        async with self._unit_of_work(self.cached_sessionmaker(), commit=True) as session:
             yield session
 
     @contextlib.asynccontextmanager
@@ -294,12 +297,11 @@ class AsyncFastAPISessionMaker(MakerBase):
 
     # -- request sessions ------------------------------------------------------------------
     def _new_request_session(self, policy: CommitPolicy) -> AsyncSession:
-        if policy is CommitPolicy.READ_ONLY:
-            return self.cached_sessionmaker.class_(
-                sync_session_class=ReadOnlySession,
-                **{**self.cached_sessionmaker.kw, "close_resets_only": False},
-            )
-        return self.cached_sessionmaker(close_resets_only=False)
+        factory = self.cached_sessionmaker
+        sync_class = compose(
+            factory.kw.get("sync_session_class") or Session, policy is CommitPolicy.READ_ONLY
+        )
+        return factory.class_(**{**factory.kw, "sync_session_class": sync_class, "close_resets_only": False})
 
     def _request_limiter(self) -> Limiter | None:
         if self._joined_limiter is not None:

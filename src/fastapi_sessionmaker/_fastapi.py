@@ -32,10 +32,11 @@ from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_sessionmaker._policy import CommitPolicy, Problem, default_error_mapper, log_mapped
+from fastapi_sessionmaker._sessions import discarded_changes, mark_response_started
 from fastapi_sessionmaker.exceptions import NotInstalledError
 
 if TYPE_CHECKING:
@@ -237,9 +238,18 @@ class RequestState:
             self.raised = True
         return False  # never swallow the exception
 
-    def adopt(self, maker: RequestMaker, session: Any) -> None:
-        """Register a session opened elsewhere (``get_db()``) so it commits before the response."""
-        self.entries.append(_Entry(maker, session, maker.policy, None, shared=False))
+    def share(self, maker: RequestMaker) -> Any:
+        """The request's session for ``maker`` for ``get_db()``: the same one ``DBSession`` gets.
+
+        Opened here (without a pool slot: ``get_db`` runs in a worker thread) when no dependency
+        opened it yet; either way it commits before the response, once.
+        """
+        for entry in self.entries:
+            if entry.maker is maker and entry.shared:
+                return entry.session
+        session = maker._new_request_session(maker.policy)
+        self.entries.append(_Entry(maker, session, maker.policy, None, shared=True))
+        return session
 
     async def finish(
         self, status: int | None, client_gone: Callable[[], Awaitable[bool]] | None = None
@@ -268,6 +278,7 @@ class RequestState:
                 else:
                     logger.exception("rollback failed on database %r", entry.maker.name)
             finally:
+                mark_response_started(entry.session)
                 entry.release()
         return failure
 
@@ -284,6 +295,12 @@ class RequestState:
             if entry.closed:
                 continue
             entry.closed = True
+            if discarded_changes(entry.session):
+                logger.error(
+                    "changes made to objects of a request session after its response started were "
+                    "discarded (database %r): write before returning the response",
+                    entry.maker.name,
+                )
             try:
                 if not entry.finished:
                     entry.finished = True
@@ -509,7 +526,7 @@ def chain_lifespan(app: FastAPI, hook: Callable[[], contextlib.AbstractAsyncCont
 
 def dependency_for(
     resolve: Callable[[RequestState], RequestMaker], policy: CommitPolicy | None
-) -> Callable[[Request], Awaitable[Any]]:
+) -> Callable[[HTTPConnection], Awaitable[Any]]:
     """A dependency returning the request's session of ``resolve(state)``.
 
     A plain coroutine, not a generator: FastAPI's generator machinery costs about 20 µs per
@@ -519,7 +536,14 @@ def dependency_for(
     would run.
     """
 
-    async def request_session(request: Request) -> Any:
+    async def request_session(request: HTTPConnection) -> Any:
+        if request.scope["type"] != "http":
+            raise NotInstalledError(
+                "fastapi_sessionmaker: a request session is for HTTP requests; a WebSocket would "
+                "hold its connection for the socket's lifetime. Open a short session per message "
+                "instead: `with maker.context_session() as session:` "
+                "(async: `async with maker.context_session() as session:`)"
+            )
         state = require_state()
         stack = request.scope.get("fastapi_function_astack")
         if stack is None:

@@ -19,34 +19,10 @@ from fastapi_sessionmaker._base import (
 )
 from fastapi_sessionmaker._fastapi import current_state
 from fastapi_sessionmaker._policy import CommitPolicy
-from fastapi_sessionmaker.exceptions import (
-    DatabaseUnavailableError,
-    ReadOnlySessionError,
-)
+from fastapi_sessionmaker._sessions import ReadOnlySession, compose, try_lock, unlock
+from fastapi_sessionmaker.exceptions import DatabaseUnavailableError
 
 __all__ = ["FastAPISessionMaker", "ReadOnlySession"]
-
-
-class ReadOnlySession(Session):
-    """A ``Session`` that refuses to flush ORM changes (``CommitPolicy.READ_ONLY``).
-
-    Request sessions get this class under ``CommitPolicy.READ_ONLY``; queries work as usual.
-
-    Example:
-        >>> session = ReadOnlySession(bind=sa.create_engine("sqlite://"))
-        >>> session.execute(sa.text("SELECT 1")).scalar()
-        1
-        >>> session.close()
-    """
-
-    def flush(self, objects: Any = None) -> None:
-        """Raise :class:`ReadOnlySessionError` if there is anything to write."""
-        if self.new or self.deleted or self.dirty:
-            raise ReadOnlySessionError(
-                "this session is read-only (CommitPolicy.READ_ONLY): use a session with the "
-                "AUTO or MANUAL policy to write"
-            )
-        super().flush(objects)
 
 
 def create_checked_engine(url: sa.URL, kwargs: dict[str, Any], variable: str) -> sa.Engine:
@@ -136,13 +112,14 @@ class FastAPISessionMaker(MakerBase):
         """The fastapi-utils generator dependency: commit after the endpoint, rollback on error.
 
         Under a plain ``Depends`` FastAPI runs the code after ``yield`` *after* the response is
-        sent. Call :meth:`init_app` once and the session is committed before the response too.
+        sent. Call :meth:`init_app` once and it yields the request's session (the same one
+        ``DBSession`` gets), committed before the response like every request session.
         """
-        session = self.cached_sessionmaker()
         state = current_state()
-        if state is not None:
-            state.adopt(self, session)
-        with unit_of_work(session, commit=True):
+        if state is not None:  # the guard commits (or rolls back) the request's one session
+            yield state.share(self)
+            return
+        with unit_of_work(self.cached_sessionmaker(), commit=True) as session:
             yield session
 
     @contextlib.contextmanager
@@ -235,9 +212,9 @@ class FastAPISessionMaker(MakerBase):
 
     # -- request sessions ------------------------------------------------------------------
     def _new_request_session(self, policy: CommitPolicy) -> Session:
-        if policy is CommitPolicy.READ_ONLY:
-            return ReadOnlySession(**{**self.cached_sessionmaker.kw, "close_resets_only": False})
-        return self.cached_sessionmaker(close_resets_only=False)
+        factory = self.cached_sessionmaker
+        cls = compose(factory.class_, policy is CommitPolicy.READ_ONLY)
+        return cls(**{**factory.kw, "close_resets_only": False})
 
     def _request_limiter(self) -> Limiter | None:
         if self._joined_limiter is not None:
@@ -253,16 +230,26 @@ class FastAPISessionMaker(MakerBase):
     async def _end_transaction(self, session: Session, commit: bool) -> None:
         if not session.in_transaction():
             return
-        if _ends_without_io(session):
-            _end_transaction(session, commit)  # nothing to wait for: no thread hop
-        else:
-            await anyio.to_thread.run_sync(_end_transaction, session, commit)
+        if try_lock(session):  # no thread is running a statement on it
+            try:
+                if _ends_without_io(session):
+                    _end_transaction(session, commit)  # nothing to wait for: no thread hop
+                    return
+            finally:
+                unlock(session)
+        # In a worker thread: it waits (under the session's lock) for a statement another thread
+        # is still running, e.g. a sync endpoint whose request was cancelled.
+        await anyio.to_thread.run_sync(_end_transaction, session, commit)
 
     async def _close_session(self, session: Session) -> None:
-        if session.in_transaction() and not _ends_without_io(session):
-            await anyio.to_thread.run_sync(session.close)
-        else:
-            session.close()
+        if try_lock(session):
+            try:
+                if not session.in_transaction() or _ends_without_io(session):
+                    session.close()
+                    return
+            finally:
+                unlock(session)
+        await anyio.to_thread.run_sync(session.close)
 
 
 _SESSION_HOOKS = (
@@ -279,9 +266,13 @@ def _ends_without_io(session: Session) -> bool:
 
     True when every DBAPI connection the session holds reports that no database transaction is
     open (pysqlite begins one only at the first write, so a SQLite read ends with a commit that
-    does nothing) and no listener would run: then the commit is done on the event loop instead
-    of in a worker thread. Any doubt (another driver, a session or engine event) means a hop.
+    does nothing), nothing is waiting to be flushed (a flush is a write, and a SQLite write can
+    wait seconds for another request's lock) and no listener would run: then the commit is done
+    on the event loop instead of in a worker thread. Any doubt (another driver, pending changes, a
+    session or engine event) means a hop.
     """
+    if not session._is_clean():
+        return False
     transaction = session.get_transaction()
     connections = [entry[0] for entry in getattr(transaction, "_connections", {}).values()]
     # The driver first: for every database but SQLite this answers at once, on the hot path.

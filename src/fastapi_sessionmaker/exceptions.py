@@ -8,7 +8,9 @@ the HTTP edge as they were raised. What this package adds is for configuration a
     ├── ConfigurationError (also a ValueError)      a bad DATABASE_URI, unknown dialect, missing driver
     ├── DatabaseUnavailableError                     the start-up check could not reach the database
     ├── NotInstalledError (also a RuntimeError)      a request dependency used without ``init_app(app)``
-    └── ReadOnlySessionError (also a RuntimeError)   a flush of ORM changes in a read-only session
+    ├── ReadOnlySessionError (also a RuntimeError)   a flush of ORM changes in a read-only session
+    └── ResponseStartedError (also a RuntimeError)   a write through a request session after its
+                                                     response started (a streaming body)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "FastAPISessionMakerError",
     "NotInstalledError",
     "ReadOnlySessionError",
+    "ResponseStartedError",
 ]
 
 
@@ -61,3 +64,13 @@ class NotInstalledError(FastAPISessionMakerError, RuntimeError):
 
 class ReadOnlySessionError(FastAPISessionMakerError, RuntimeError):
     """An ORM flush was attempted in a session opened with ``CommitPolicy.READ_ONLY``."""
+
+
+class ResponseStartedError(FastAPISessionMakerError, RuntimeError):
+    """A write through a request session after its response started (a streaming body).
+
+    The request's session is committed when the status line is sent; what a streaming body (a
+    ``StreamingResponse`` generator, an endpoint that ``yield``s) writes afterwards could no longer
+    be committed before the response, so it is refused loudly instead of being dropped. Write
+    before returning the response, or give the stream its own ``maker.context_session()``.
+    """

@@ -1,0 +1,251 @@
+"""The session classes request sessions are made of, composed with the class the user configured.
+
+A request session is the configured ``Session`` class (``sqlalchemy.orm.Session``, SQLModel's, the
+user's own) with :class:`RequestSessionMixin` in front, and :class:`ReadOnlyMixin` under
+``CommitPolicy.READ_ONLY``. The async twin composes its ``sync_session_class`` the same way, so
+both twins share these rules:
+
+- **One thread at a time.** Every method that can do I/O or end the transaction holds a
+  per-session re-entrant lock. The guard ends a session under that lock, so a sync endpoint that
+  is still running in its worker thread after its request was cancelled never has its session
+  rolled back or closed under its feet: the end waits for the running statement, and the
+  endpoint's next call finds the session closed.
+- **After the response has started** (the guard committed or rolled back when the status line
+  went out), the session serves reads only and holds no connection between statements: each
+  statement runs in a short transaction of its own, its rows are fetched in full and the
+  connection goes back to the pool at once, so streaming bodies cannot starve the pool or the
+  worker threads. A write there can no longer be committed before the response, so it raises
+  :class:`~fastapi_sessionmaker.exceptions.ResponseStartedError` (and is logged) instead of being
+  dropped silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from fastapi_sessionmaker.exceptions import ReadOnlySessionError, ResponseStartedError
+
+logger = logging.getLogger("fastapi_sessionmaker")
+
+__all__ = ["ReadOnlyMixin", "ReadOnlySession", "RequestSessionMixin", "compose", "mark_response_started"]
+
+_S = TypeVar("_S", bound=Session)
+
+
+class ReadOnlyMixin(Session):
+    """Refuses to flush ORM changes (``CommitPolicy.READ_ONLY``); composes with any ``Session``."""
+
+    def flush(self, objects: Any = None) -> None:
+        """Raise :class:`ReadOnlySessionError` if there is anything to write."""
+        if self.new or self.deleted or self.dirty:
+            raise ReadOnlySessionError(
+                "this session is read-only (CommitPolicy.READ_ONLY): use a session with the "
+                "AUTO or MANUAL policy to write"
+            )
+        super().flush(objects)
+
+
+class ReadOnlySession(ReadOnlyMixin, Session):
+    """A ``Session`` that refuses to flush ORM changes (``CommitPolicy.READ_ONLY``).
+
+    Request sessions under ``CommitPolicy.READ_ONLY`` get this rule composed with the configured
+    session class; queries work as usual.
+
+    Example:
+        >>> engine = sa.create_engine("sqlite://")
+        >>> session = ReadOnlySession(bind=engine)
+        >>> session.execute(sa.text("SELECT 1")).scalar()
+        1
+        >>> session.close()
+        >>> engine.dispose()
+    """
+
+
+_STARTED_WRITE = (
+    "this request session was committed when the response started (the status line is sent), so "
+    "{what} can no longer be stored before the response: write before returning the response "
+    "(or before the first item of a streaming endpoint), or use `with maker.context_session()` "
+    "for work that belongs to the stream"
+)
+
+# Methods that write (refused after the response started) and methods that may do I/O or end the
+# transaction (serialised by the lock; reads after the response started get a short transaction).
+_WRITES = (
+    "add",
+    "add_all",
+    "delete",
+    "delete_all",
+    "merge",
+    "merge_all",
+    "bulk_save_objects",
+    "bulk_insert_mappings",
+    "bulk_update_mappings",
+)
+_LOCKED = ("begin", "begin_nested", "close", "commit", "connection", "invalidate", "reset", "rollback")
+_READS = ("get", "get_one", "refresh")
+_READ_ONLY_SQL = ("SELECT", "WITH", "SHOW", "EXPLAIN", "PRAGMA", "VALUES", "TABLE", "DESCRIBE")
+
+
+def _refuse(what: str) -> ResponseStartedError:
+    error = ResponseStartedError(_STARTED_WRITE.format(what=what))
+    logger.error("write refused after the response started: %s", what)
+    return error
+
+
+def _locked(name: str) -> Callable[..., Any]:
+    def locked(self: RequestSessionMixin, *args: Any, **kwargs: Any) -> Any:
+        with self._fsm_lock:
+            return getattr(super(RequestSessionMixin, self), name)(*args, **kwargs)
+
+    return functools.wraps(getattr(Session, name))(locked)
+
+
+def _write(name: str) -> Callable[..., Any]:
+    def write(self: RequestSessionMixin, *args: Any, **kwargs: Any) -> Any:
+        with self._fsm_lock:
+            if self._fsm_started:
+                raise _refuse(f"Session.{name}()")
+            return getattr(super(RequestSessionMixin, self), name)(*args, **kwargs)
+
+    return functools.wraps(getattr(Session, name))(write)
+
+
+def _read(name: str) -> Callable[..., Any]:
+    """``get`` / ``get_one`` / ``refresh`` load through ``execute``: end the read after them too."""
+
+    def read(self: RequestSessionMixin, *args: Any, **kwargs: Any) -> Any:
+        with self._fsm_lock:
+            value = getattr(super(RequestSessionMixin, self), name)(*args, **kwargs)
+            if self._fsm_started:
+                self._fsm_end_read()
+            return value
+
+    return functools.wraps(getattr(Session, name))(read)
+
+
+def _is_read(statement: Any) -> bool:
+    """Whether ``statement`` only reads (a SELECT, or textual SQL that starts like one)."""
+    if isinstance(statement, sa.TextClause):
+        return statement.text.lstrip().lstrip("(").split(None, 1)[0].upper() in _READ_ONLY_SQL
+    return bool(getattr(statement, "is_select", False))
+
+
+def _streams(statement: Any, execution_options: Any) -> bool:
+    options = dict(getattr(statement, "_execution_options", None) or {})
+    options.update(execution_options or {})
+    return bool(options.get("stream_results") or options.get("yield_per"))
+
+
+class RequestSessionMixin(Session):
+    """What every request session adds to its configured class (see the module docstring)."""
+
+    _fsm_started = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._fsm_lock = threading.RLock()
+        super().__init__(*args, **kwargs)
+
+    def _fsm_read_after_start(self, statement: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not _is_read(statement):
+            raise _refuse("a statement that is not a SELECT")
+        result = super().execute(statement, *args, **kwargs)
+        if _streams(statement, kwargs.get("execution_options")):
+            return result  # asked to stream: the connection is held until the session closes
+        rows = result.freeze()
+        self._fsm_end_read()
+        return rows()
+
+    def _fsm_end_read(self) -> None:
+        """End the short read transaction of a statement after the response started."""
+        if self.in_transaction() and not self.in_nested_transaction():
+            super().commit()  # nothing to write (writes are refused): releases the connection
+
+    def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        """``Session.execute``, serialised; after the response started, a read of its own."""
+        with self._fsm_lock:
+            if self._fsm_started:
+                return self._fsm_read_after_start(statement, args, kwargs)
+            return super().execute(statement, *args, **kwargs)
+
+    def scalars(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        """``Session.scalars``, serialised; after the response started, a read of its own."""
+        with self._fsm_lock:
+            if self._fsm_started:
+                return self._fsm_read_after_start(statement, args, kwargs).scalars()
+            return super().scalars(statement, *args, **kwargs)
+
+    def scalar(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        """``Session.scalar``, serialised; after the response started, a read of its own."""
+        with self._fsm_lock:
+            if self._fsm_started:
+                return self._fsm_read_after_start(statement, args, kwargs).scalar()
+            return super().scalar(statement, *args, **kwargs)
+
+    def flush(self, objects: Any = None) -> None:
+        """``Session.flush``, serialised; after the response started, changes raise."""
+        with self._fsm_lock:
+            if self._fsm_started and not self._is_clean():
+                raise _refuse("the session's pending changes (a flush)")
+            super().flush(objects)
+
+    def _fsm_discarded(self) -> bool:
+        """Whether ending now would drop ORM changes made after the response started."""
+        return self._fsm_started and not self._is_clean()
+
+
+for _name in _WRITES:
+    if hasattr(Session, _name):  # ``delete_all`` and ``merge_all`` are new in SQLAlchemy 2.1
+        setattr(RequestSessionMixin, _name, _write(_name))
+for _name in _LOCKED:
+    setattr(RequestSessionMixin, _name, _locked(_name))
+for _name in _READS:
+    setattr(RequestSessionMixin, _name, _read(_name))
+
+
+_COMPOSED: dict[tuple[type[Session], bool], type[Session]] = {}
+
+
+def compose(base: type[_S], read_only: bool) -> type[_S]:
+    """The request-session class for the configured ``base`` (cached: one class per base)."""
+    key = (base, read_only)
+    composed = _COMPOSED.get(key)
+    if composed is None:
+        bases: tuple[type, ...] = (RequestSessionMixin,)
+        if read_only and not issubclass(base, ReadOnlyMixin):
+            bases += (ReadOnlyMixin,)
+        composed = type(f"Request{base.__name__}", (*bases, base), {"__module__": base.__module__})
+        _COMPOSED[key] = composed
+    return composed  # type: ignore[return-value]
+
+
+def mark_response_started(session: Any) -> None:
+    """From now on ``session`` (sync or async) serves reads only, without holding a connection."""
+    target = getattr(session, "sync_session", session)
+    if isinstance(target, RequestSessionMixin):
+        target._fsm_started = True
+
+
+def discarded_changes(session: Any) -> bool:
+    """Whether ``session`` holds ORM changes made after the response started (about to be lost)."""
+    target = getattr(session, "sync_session", session)
+    return isinstance(target, RequestSessionMixin) and target._fsm_discarded()
+
+
+def try_lock(session: Any) -> bool:
+    """Take ``session``'s lock without waiting (True) or report that a thread is using it."""
+    lock = getattr(session, "_fsm_lock", None)
+    return lock is None or bool(lock.acquire(blocking=False))
+
+
+def unlock(session: Any) -> None:
+    """Release what :func:`try_lock` took."""
+    lock = getattr(session, "_fsm_lock", None)
+    if lock is not None:
+        lock.release()
