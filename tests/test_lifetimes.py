@@ -163,8 +163,6 @@ def test_tutorial_pattern_deadlocks_sync_response_model_endpoints(
 def test_no_pool_deadlock_100_requests_on_pool_of_2(
     backend: str, kind: str, make_maker: MakerFactory, sync_engine: sa.Engine, serve: Serve
 ) -> None:
-    if backend == "sqlite" and kind == "write":
-        pytest.skip("SQLite allows one writer at a time: concurrent writers get 'database is locked'")
     seed(sync_engine, "a@x")
     maker = make_maker(engine_options=SMALL_POOL)
     client = serve(users_app(maker))
@@ -684,8 +682,6 @@ def test_script_sessions_follow_the_policy_without_an_app(
 def test_job_runner_workers_each_get_their_own_session(
     backend: str, make_maker: MakerFactory, sync_engine: sa.Engine
 ) -> None:
-    if backend == "sqlite":
-        pytest.skip("SQLite allows one writer at a time")
     reset_tables(sync_engine)
     maker = make_maker(engine_options={"pool_size": 2, "max_overflow": 0, "pool_timeout": 10})
     if isinstance(maker, AsyncFastAPISessionMaker):

@@ -27,9 +27,9 @@ from fastapi_sessionmaker._health import pool_stats as pool_stats
 from fastapi_sessionmaker._policy import CommitPolicy as CommitPolicy
 from fastapi_sessionmaker._policy import Problem as Problem
 from fastapi_sessionmaker._policy import default_error_mapper as default_error_mapper
+from fastapi_sessionmaker._sessions import ReadOnlySession as ReadOnlySession
 from fastapi_sessionmaker._settings import DatabaseSettings as DatabaseSettings
 from fastapi_sessionmaker._sync import FastAPISessionMaker as FastAPISessionMaker
-from fastapi_sessionmaker._sessions import ReadOnlySession as ReadOnlySession
 from fastapi_sessionmaker.exceptions import ConcurrentSessionUseError as ConcurrentSessionUseError
 from fastapi_sessionmaker.exceptions import ConfigurationError as ConfigurationError
 from fastapi_sessionmaker.exceptions import DatabaseUnavailableError as DatabaseUnavailableError
