@@ -30,7 +30,7 @@ def page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, 
 
 
 def test_the_page_has_its_examples() -> None:
-    assert len(python_blocks()) == 6
+    assert len(python_blocks()) == 7
 
 
 def test_streaming_background_tasks_and_health(page: dict[str, Any]) -> None:
@@ -39,6 +39,10 @@ def test_streaming_background_tasks_and_health(page: dict[str, Any]) -> None:
         assert client.get("/notes.txt").text == "hello\naudit: hello\n"
         assert client.get("/notes/events").text == "data: hello\n\ndata: audit: hello\n\n"
         assert client.get("/notes/count-events").text == "data: 2\n\n" * 3
+        with client.websocket_connect("/notes/ws") as socket:
+            socket.send_text("over a socket")
+            assert socket.receive_text() == "stored over a socket"
+        assert page["pool_stats"](page["db"])["checked_out"] == 0
         health = client.get("/healthz")
         assert health.status_code == 200
         assert health.json()["databases"]["default"]["pool"]["checked_out"] == 0
@@ -52,7 +56,7 @@ def test_scripts_and_workers(page: dict[str, Any]) -> None:
 
 def test_fault_settings_example() -> None:
     namespace: dict[str, Any] = {"FastAPISessionMaker": FastAPISessionMaker}
-    exec(python_blocks()[4], namespace)
+    exec(python_blocks()[5], namespace)
     maker = namespace["slow_network_db"]
     assert maker.engine_options["connect_args"] == {"connect_timeout": 3}
     assert maker.engine_options["pool_timeout"] == 5
