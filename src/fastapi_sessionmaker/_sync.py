@@ -14,7 +14,9 @@ from fastapi_sessionmaker._base import (
     Limiter,
     MakerBase,
     install_liveness_check,
+    missing_driver,
     pool_capacity,
+    scrub,
     unknown_driver,
 )
 from fastapi_sessionmaker._fastapi import current_state
@@ -50,20 +52,22 @@ class ReadOnlySession(Session):
 
 
 def create_checked_engine(url: sa.URL, kwargs: dict[str, Any], variable: str) -> sa.Engine:
+    """``create_engine`` with our liveness check; a one-line :class:`ConfigurationError` naming
+    ``variable`` (never the URL) for a driver SQLAlchemy does not know or cannot import."""
     try:
         engine = sa.create_engine(url, **kwargs)
     except sa.exc.NoSuchModuleError:
         raise unknown_driver(url, is_async=False, variable=variable) from None
+    except ImportError as exc:
+        raise missing_driver(url, exc.name, is_async=False, variable=variable) from None
     install_liveness_check(engine, kwargs)
     return engine
 
 
 def unavailable(maker: MakerBase, exc: BaseException) -> DatabaseUnavailableError:
-    """A one-line start-up error: the URL without password, the error class, its first line."""
+    """A one-line start-up error: the URL without secrets, the error class, its first line."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    password = maker.url.password
-    if password:
-        text = text.replace(str(password), "***")
+    text = scrub(text, maker.url)
     return DatabaseUnavailableError(
         f"cannot reach database {maker.name!r} at {maker.safe_url()}: {type(exc).__name__}: {text}".rstrip(
             ": "
@@ -126,7 +130,7 @@ class FastAPISessionMaker(MakerBase):
 
     def get_new_engine(self) -> sa.Engine:
         """A new engine with this maker's options (dead pooled connections replaced on checkout)."""
-        return create_checked_engine(self.url, self._engine_kwargs(), "DATABASE_URI")
+        return create_checked_engine(self.url, self._engine_kwargs(), self._variable)
 
     def get_new_sessionmaker(self, engine: sa.Engine | None) -> sessionmaker[Session]:
         """A new sessionmaker bound to ``engine`` (the cached engine when ``None``)."""

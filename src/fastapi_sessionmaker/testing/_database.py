@@ -13,7 +13,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool, QueuePool
 
-from fastapi_sessionmaker._base import engine_kwargs, resolve_url
+from fastapi_sessionmaker._base import engine_kwargs, render_url, resolve_url
 from fastapi_sessionmaker.exceptions import ConfigurationError
 
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -179,5 +179,5 @@ class TestDatabase:
         return engine
 
     def safe_url(self) -> str:
-        """The test database's URL with the password masked."""
-        return self.url.render_as_string(hide_password=True)
+        """The test database's URL with the password and secret query values masked."""
+        return render_url(self.url)
