@@ -415,14 +415,39 @@ class MakerBase:
 
     def _assign_uri(self, database_uri: str | URL, variable: str) -> None:
         self._url = resolve_url(database_uri, is_async=self.is_async, variable=variable)
-        self.database_uri = database_uri
+        self._database_uri = database_uri
         self._variable = variable
 
     @property
+    def database_uri(self) -> str | URL:
+        """The database URL as given; assign a new one as with fastapi-utils.
+
+        The new URL is checked at once (:class:`ConfigurationError` naming ``database_uri``) and
+        :meth:`get_new_engine` uses it from then on. An engine already cached keeps its URL until
+        :meth:`reset_cache` (or :meth:`dispose`) disposes it; the next :attr:`cached_engine` and
+        :attr:`cached_sessionmaker` then use the new URL. Assigning alone closes nothing, so
+        requests running on the old engine are not cut off.
+
+        Example:
+            >>> from fastapi_sessionmaker import FastAPISessionMaker
+            >>> db = FastAPISessionMaker("sqlite:///./a.db")
+            >>> db.database_uri = "sqlite:///./b.db"
+            >>> db.reset_cache()
+            >>> db.cached_engine.url.database
+            './b.db'
+            >>> db.dispose()
+        """
+        return self._database_uri
+
+    @database_uri.setter
+    def database_uri(self, value: str | URL) -> None:
+        self._assign_uri(value, "database_uri")
+
+    @property
     def url(self) -> URL:
-        """The resolved URL (driver filled in); show it with :meth:`safe_url`."""
-        if self._url is None:  # pragma: no cover - resolved on construction
-            self._url = resolve_url(self.database_uri, is_async=self.is_async, variable=self._variable)
+        """The resolved URL of :attr:`database_uri` (driver filled in); show it with :meth:`safe_url`."""
+        if self._url is None:  # pragma: no cover - resolved on assignment
+            self._url = resolve_url(self._database_uri, is_async=self.is_async, variable=self._variable)
         return self._url
 
     def safe_url(self) -> str:
