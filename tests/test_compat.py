@@ -306,6 +306,50 @@ def test_assigning_database_uri_switches_the_database_like_fastapi_utils(
     assert stored_emails(sync_engine) == []  # ...not to the old one
 
 
+@pytest.mark.parametrize("options", [{}, {"autoflush": True}], ids=["default", "autoflush-on"])
+def test_sessions_do_not_autoflush_by_default_like_fastapi_utils(
+    make_maker: Callable[..., Maker], sync_engine: sa.Engine, options: dict[str, Any]
+) -> None:
+    """fastapi-utils and the tutorial's ``SessionLocal`` use ``autoflush=False``; so do we."""
+    reset_tables(sync_engine)
+    maker = make_maker(session_options=options)
+    autoflush = options.get("autoflush", False)
+    pending_seen: list[int] = []
+
+    def sync_steps(maker: FastAPISessionMaker) -> None:
+        for opened in (maker.context_session, maker.task_session, contextlib.contextmanager(maker.get_db)):
+            with opened() as db:
+                assert db.autoflush is autoflush
+                db.add(User(email=f"{len(pending_seen)}@x"))
+                pending_seen.append(db.scalar(sa.select(sa.func.count()).select_from(User)) or 0)
+                db.rollback()
+        request_session = maker._new_request_session(maker.policy)
+        assert request_session.autoflush is autoflush
+        request_session.close()
+        maker.dispose()
+
+    async def async_steps(maker: AsyncFastAPISessionMaker) -> None:
+        for opened in (
+            maker.context_session,
+            maker.task_session,
+            contextlib.asynccontextmanager(maker.get_db),
+        ):
+            async with opened() as db:
+                assert db.sync_session.autoflush is autoflush
+                db.add(User(email=f"{len(pending_seen)}@x"))
+                pending_seen.append(await db.scalar(sa.select(sa.func.count()).select_from(User)) or 0)
+                await db.rollback()
+        request_session = maker._new_request_session(maker.policy)
+        assert request_session.sync_session.autoflush is autoflush
+        await request_session.close()
+        await maker.dispose()
+
+    run_twin(maker, sync_steps, async_steps)
+    # Without autoflush the query does not see the pending row; with it, the row is flushed first.
+    assert pending_seen == ([1, 1, 1] if autoflush else [0, 0, 0])
+    assert stored_emails(sync_engine) == []
+
+
 def test_context_session_commits_on_success_and_rolls_back_on_error(
     maker: Maker, sync_engine: sa.Engine
 ) -> None:

@@ -400,7 +400,8 @@ class MakerBase:
         self.name = name
         self.policy = CommitPolicy(policy)
         self.engine_options: dict[str, Any] = options
-        self.session_options: dict[str, Any] = {"expire_on_commit": False}
+        # fastapi-utils' and the FastAPI tutorial's SessionLocal: no autoflush, no expiry on commit.
+        self.session_options: dict[str, Any] = {"expire_on_commit": False, "autoflush": False}
         self.session_options.update(session_options or {})
         self._limiter: Limiter | None = None
         self._limiter_ready = False

@@ -90,7 +90,8 @@ class FastAPISessionMaker(MakerBase):
         name: The database's name in logs, health checks and ``init_app`` (several databases).
         policy: When request sessions commit (:class:`CommitPolicy`).
         engine_options: Extra ``create_engine`` keyword arguments (they win over ours).
-        session_options: Extra ``sessionmaker`` keyword arguments.
+        session_options: Extra ``sessionmaker`` keyword arguments (they win over our
+            ``expire_on_commit=False`` and ``autoflush=False``, as in fastapi-utils).
 
     Example:
         >>> from typing import Annotated
