@@ -21,6 +21,7 @@ from sqlalchemy.pool import StaticPool
 from fastapi_sessionmaker._base import (
     Limiter,
     MakerBase,
+    enforce_sqlite_foreign_keys,
     install_liveness_check,
     missing_driver,
     unknown_driver,
@@ -165,6 +166,8 @@ class AsyncFastAPISessionMaker(MakerBase):
                 "driver out)"
             ) from None
         install_liveness_check(engine.sync_engine, kwargs)
+        if self.sqlite_foreign_keys:
+            enforce_sqlite_foreign_keys(engine.sync_engine)
         return engine
 
     def get_new_sessionmaker(self, engine: AsyncEngine | None) -> async_sessionmaker[AsyncSession]:

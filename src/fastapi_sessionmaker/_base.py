@@ -241,6 +241,34 @@ def engine_kwargs(url: URL, options: Mapping[str, Any], *, is_async: bool) -> di
     return kwargs
 
 
+def enforce_sqlite_foreign_keys(engine: sa.Engine) -> None:
+    """Run ``PRAGMA foreign_keys=ON`` on every new SQLite connection of ``engine``.
+
+    SQLite ignores ``FOREIGN KEY`` and ``ON DELETE`` unless each connection turns them on. Every
+    engine this package creates calls this (an async engine passes its ``sync_engine``: the
+    listener works for pysqlite and aiosqlite alike); other databases are left as they are. It is
+    a "connect" listener: it runs once per new DBAPI connection, never at checkout or commit.
+
+    Example:
+        >>> engine = sa.create_engine("sqlite://")
+        >>> enforce_sqlite_foreign_keys(engine)
+        >>> with engine.connect() as connection:
+        ...     connection.exec_driver_sql("PRAGMA foreign_keys").scalar()
+        1
+    """
+    if engine.dialect.name != "sqlite":
+        return
+
+    def sqlite_foreign_keys(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    sa.event.listen(engine, "connect", sqlite_foreign_keys)
+
+
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
@@ -380,6 +408,7 @@ class MakerBase:
         policy: CommitPolicy | str = CommitPolicy.AUTO,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        sqlite_foreign_keys: bool = True,
     ) -> None:
         if database_uri is None and settings is None:
             from fastapi_sessionmaker._settings import DatabaseSettings
@@ -400,6 +429,8 @@ class MakerBase:
         self.name = name
         self.policy = CommitPolicy(policy)
         self.engine_options: dict[str, Any] = options
+        self.sqlite_foreign_keys = sqlite_foreign_keys
+        """Whether the maker's SQLite connections enforce foreign keys (``PRAGMA foreign_keys=ON``)."""
         # fastapi-utils' and the FastAPI tutorial's SessionLocal: no autoflush, no expiry on commit.
         self.session_options: dict[str, Any] = {"expire_on_commit": False, "autoflush": False}
         self.session_options.update(session_options or {})

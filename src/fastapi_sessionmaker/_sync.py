@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from fastapi_sessionmaker._base import (
     Limiter,
     MakerBase,
+    enforce_sqlite_foreign_keys,
     install_liveness_check,
     missing_driver,
     pool_capacity,
@@ -51,9 +52,12 @@ class ReadOnlySession(Session):
         super().flush(objects)
 
 
-def create_checked_engine(url: sa.URL, kwargs: dict[str, Any], variable: str) -> sa.Engine:
-    """``create_engine`` with our liveness check; a one-line :class:`ConfigurationError` naming
-    ``variable`` (never the URL) for a driver SQLAlchemy does not know or cannot import."""
+def create_checked_engine(
+    url: sa.URL, kwargs: dict[str, Any], variable: str, *, sqlite_foreign_keys: bool = True
+) -> sa.Engine:
+    """``create_engine`` with our liveness check and SQLite foreign keys on; a one-line
+    :class:`ConfigurationError` naming ``variable`` (never the URL) for a driver SQLAlchemy does
+    not know or cannot import."""
     try:
         engine = sa.create_engine(url, **kwargs)
     except sa.exc.NoSuchModuleError:
@@ -61,6 +65,8 @@ def create_checked_engine(url: sa.URL, kwargs: dict[str, Any], variable: str) ->
     except ImportError as exc:
         raise missing_driver(url, exc.name, is_async=False, variable=variable) from None
     install_liveness_check(engine, kwargs)
+    if sqlite_foreign_keys:
+        enforce_sqlite_foreign_keys(engine)
     return engine
 
 
@@ -92,6 +98,9 @@ class FastAPISessionMaker(MakerBase):
         engine_options: Extra ``create_engine`` keyword arguments (they win over ours).
         session_options: Extra ``sessionmaker`` keyword arguments (they win over our
             ``expire_on_commit=False`` and ``autoflush=False``, as in fastapi-utils).
+        sqlite_foreign_keys: On SQLite, run ``PRAGMA foreign_keys=ON`` on every connection
+            (the default), so ``FOREIGN KEY`` and ``ON DELETE CASCADE`` are enforced; ``False``
+            keeps SQLite's own default (not enforced). Other databases always enforce them.
 
     Example:
         >>> from typing import Annotated
@@ -131,7 +140,9 @@ class FastAPISessionMaker(MakerBase):
 
     def get_new_engine(self) -> sa.Engine:
         """A new engine with this maker's options (dead pooled connections replaced on checkout)."""
-        return create_checked_engine(self.url, self._engine_kwargs(), self._variable)
+        return create_checked_engine(
+            self.url, self._engine_kwargs(), self._variable, sqlite_foreign_keys=self.sqlite_foreign_keys
+        )
 
     def get_new_sessionmaker(self, engine: sa.Engine | None) -> sessionmaker[Session]:
         """A new sessionmaker bound to ``engine`` (the cached engine when ``None``)."""
