@@ -206,6 +206,150 @@ def test_reset_cache_disposes_the_old_engine(maker: Maker) -> None:
     run_twin(maker, sync_steps, async_steps)
 
 
+@pytest.fixture
+def other_database_url(
+    backend: str, database_url: str, sync_engine: sa.Engine, tmp_path: Any
+) -> Iterator[str]:
+    """A second, empty database beside this test's (its tables made), dropped at the end."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path}/other.db"
+    else:
+        name = f"{sa.make_url(database_url).database}_other"
+        admin = sync_engine.execution_options(isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+        url = sa.make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    engine = session.get_engine(url)
+    reset_tables(engine)
+    engine.dispose()
+    yield url
+    if backend != "sqlite":
+        with admin.connect() as connection:
+            if backend == "postgresql":
+                connection.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :name AND pid <> pg_backend_pid()"
+                    ),
+                    {"name": name},
+                )
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+
+
+@pytest.mark.parametrize("order", ["assign-then-reset", "reset-then-assign"])
+def test_assigning_database_uri_switches_the_database_like_fastapi_utils(
+    maker: Maker, sync_engine: sa.Engine, other_database_url: str, order: str
+) -> None:
+    """fastapi-utils' own test_session.py: set ``database_uri``, ``reset_cache()``, use the engine."""
+    reset_tables(sync_engine)
+    other = sa.make_url(other_database_url)
+
+    def sync_steps(maker: FastAPISessionMaker) -> None:
+        old = maker.cached_engine
+        old_pool = old.pool
+        assert isinstance(old_pool, sa.QueuePool)
+        with old.connect() as connection:  # the URL resolved, the engine cached and used
+            connection.execute(sa.text("SELECT 1"))
+        assert old_pool.checkedin() == 1
+        repr(maker)
+        if order == "assign-then-reset":
+            maker.database_uri = other_database_url
+            assert maker.cached_engine is old  # assigning alone closes nothing
+            new_engine = maker.get_new_engine()  # ...but a new engine is on the new URL
+            assert new_engine.url.database == other.database
+            new_engine.dispose()
+            maker.reset_cache()
+        else:
+            maker.reset_cache()
+            maker.database_uri = other_database_url
+        assert old_pool.checkedin() == 0  # the old engine was disposed
+        assert maker.database_uri == other_database_url
+        assert maker.cached_engine.url.database == other.database
+        assert maker.cached_sessionmaker.kw["bind"] is maker.cached_engine
+        with maker.context_session() as db:
+            db.add(User(email="b@x"))
+        maker.dispose()
+
+    async def async_steps(maker: AsyncFastAPISessionMaker) -> None:
+        old = maker.cached_engine
+        old_pool = old.sync_engine.pool
+        assert isinstance(old_pool, sa.QueuePool)
+        async with old.connect() as connection:
+            await connection.execute(sa.text("SELECT 1"))
+        assert old_pool.checkedin() == 1
+        repr(maker)
+        if order == "assign-then-reset":
+            maker.database_uri = other_database_url
+            assert maker.cached_engine is old
+            new_engine = maker.get_new_engine()
+            assert new_engine.url.database == other.database
+            await new_engine.dispose()
+            await maker.reset_cache()
+        else:
+            await maker.reset_cache()
+            maker.database_uri = other_database_url
+        assert old_pool.checkedin() == 0
+        assert maker.database_uri == other_database_url
+        assert maker.cached_engine.url.database == other.database
+        assert maker.cached_sessionmaker.kw["bind"] is maker.cached_engine
+        async with maker.context_session() as db:
+            db.add(User(email="b@x"))
+        await maker.dispose()
+
+    run_twin(maker, sync_steps, async_steps)
+    other_engine = session.get_engine(other_database_url)
+    try:
+        assert stored_emails(other_engine) == ["b@x"]  # the write went to the new database...
+    finally:
+        other_engine.dispose()
+    assert stored_emails(sync_engine) == []  # ...not to the old one
+
+
+@pytest.mark.parametrize("options", [{}, {"autoflush": True}], ids=["default", "autoflush-on"])
+def test_sessions_do_not_autoflush_by_default_like_fastapi_utils(
+    make_maker: Callable[..., Maker], sync_engine: sa.Engine, options: dict[str, Any]
+) -> None:
+    """fastapi-utils and the tutorial's ``SessionLocal`` use ``autoflush=False``; so do we."""
+    reset_tables(sync_engine)
+    maker = make_maker(session_options=options)
+    autoflush = options.get("autoflush", False)
+    pending_seen: list[int] = []
+
+    def sync_steps(maker: FastAPISessionMaker) -> None:
+        for opened in (maker.context_session, maker.task_session, contextlib.contextmanager(maker.get_db)):
+            with opened() as db:
+                assert db.autoflush is autoflush
+                db.add(User(email=f"{len(pending_seen)}@x"))
+                pending_seen.append(db.scalar(sa.select(sa.func.count()).select_from(User)) or 0)
+                db.rollback()
+        request_session = maker._new_request_session(maker.policy)
+        assert request_session.autoflush is autoflush
+        request_session.close()
+        maker.dispose()
+
+    async def async_steps(maker: AsyncFastAPISessionMaker) -> None:
+        for opened in (
+            maker.context_session,
+            maker.task_session,
+            contextlib.asynccontextmanager(maker.get_db),
+        ):
+            async with opened() as db:
+                assert db.sync_session.autoflush is autoflush
+                db.add(User(email=f"{len(pending_seen)}@x"))
+                pending_seen.append(await db.scalar(sa.select(sa.func.count()).select_from(User)) or 0)
+                await db.rollback()
+        request_session = maker._new_request_session(maker.policy)
+        assert request_session.sync_session.autoflush is autoflush
+        await request_session.close()
+        await maker.dispose()
+
+    run_twin(maker, sync_steps, async_steps)
+    # Without autoflush the query does not see the pending row; with it, the row is flushed first.
+    assert pending_seen == ([1, 1, 1] if autoflush else [0, 0, 0])
+    assert stored_emails(sync_engine) == []
+
+
 def test_context_session_commits_on_success_and_rolls_back_on_error(
     maker: Maker, sync_engine: sa.Engine
 ) -> None:

@@ -28,7 +28,7 @@ def test_demo_crud(
     monkeypatch: pytest.MonkeyPatch,
     serve: Callable[..., httpx.Client],
 ) -> None:
-    from examples.models import Base
+    from examples.models import Base, Item
 
     Base.metadata.drop_all(sync_engine)
     demo = load_demo(twin, database_url, monkeypatch)
@@ -55,4 +55,8 @@ def test_demo_crud(
 
     assert client.delete(f"/users/{user['id']}").status_code == 204
     assert client.get(f"/users/{user['id']}").status_code == 404
+    # ON DELETE CASCADE: the user's items went with it (on SQLite too: foreign keys are enforced).
+    assert client.get(f"/users/{user['id']}/items").json() == []
+    with sync_engine.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(Item)) == 0
     assert checked_out(pool_of(demo.db)) == 0

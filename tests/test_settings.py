@@ -9,6 +9,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 import sqlalchemy as sa
@@ -23,6 +24,9 @@ from fastapi_sessionmaker import (
     DatabaseUnavailableError,
     FastAPISessionMaker,
 )
+from fastapi_sessionmaker import _base as base
+from fastapi_sessionmaker._base import render_url
+from fastapi_sessionmaker.session import get_engine
 from tests.conftest import Databases, Maker
 
 SECRET = "s3cr3t-pw-x9"
@@ -92,6 +96,12 @@ def assert_one_line_without_secret(error: BaseException) -> str:
     assert SECRET not in text
     assert SECRET not in repr(error)
     return text
+
+
+def assert_not_chained(error: BaseException) -> None:
+    """No "During handling of the above exception..." traceback above the one-line error."""
+    assert error.__cause__ is None
+    assert error.__context__ is None or error.__suppress_context__
 
 
 # -- reading the environment ---------------------------------------------------------------
@@ -246,6 +256,63 @@ def test_invalid_value_names_the_variable_not_the_password(
     assert named in text
 
 
+# A password in the query (psycopg and PyMySQL accept ``?password=``), secret-looking query keys,
+# and a password with characters that must be URL-encoded: never shown, raw or encoded.
+SPECIAL = "p@ss:w/rd%" + SECRET
+
+
+def secret_forms(secret: str) -> set[str]:
+    """``secret`` as written and as it may appear URL-encoded."""
+    return {secret, quote(secret, safe=""), quote(secret, safe=" +"), quote_plus(secret)}
+
+
+def secret_url(scheme: str, where: str, port: int) -> tuple[str, str]:
+    """A URL on ``127.0.0.1:port`` holding a secret ``where``; the URL and the secret."""
+    host = f"127.0.0.1:{port}"
+    if where == "query-password":
+        return f"{scheme}://app@{host}/shop?password={SECRET}", SECRET
+    if where == "query-keys":
+        return f"{scheme}://app@{host}/shop?connect_timeout=5&api_key={SECRET}&token={SECRET}", SECRET
+    return f"{scheme}://app:{quote(SPECIAL, safe='')}@{host}/shop", SPECIAL
+
+
+def test_render_url_masks_every_secret() -> None:
+    url = f"postgresql://app:{quote(SPECIAL, safe='')}@db/shop?sslpassword=a1&pwd=b2&api_key=c3&Token=d4&x=1"
+    text = render_url(url)
+    assert text == "postgresql://app:***@db/shop?Token=***&api_key=***&pwd=***&sslpassword=***&x=1"
+    assert render_url("postgresql://app@db/shop?password=s3&application_name=api") == (
+        "postgresql://app@db/shop?application_name=api&password=***"
+    )
+    assert render_url("not a url") == "<invalid database URL>"
+
+
+@pytest.mark.parametrize("where", ["query-password", "query-keys", "userinfo-special"])
+@pytest.mark.parametrize("scheme", ["postgresql", "mysql"])
+def test_a_secret_anywhere_in_the_url_is_never_shown(
+    twin: str, scheme: str, where: str, caplog: pytest.LogCaptureFixture, no_leftover_makers: list[Maker]
+) -> None:
+    url, secret = secret_url(scheme, where, closed_port())
+    caplog.set_level(logging.DEBUG)
+    maker = maker_class(twin)(url, name="orders")
+    no_leftover_makers.append(maker)
+    shown = [repr(maker), maker.safe_url()]
+    if where != "query-keys":  # drivers refuse unknown keys: only ``password`` reaches a connect
+        app = FastAPI()
+        maker.init_app(app)
+        with pytest.raises(DatabaseUnavailableError) as caught, TestClient(app):
+            pass  # pragma: no cover - start-up fails
+        shown += [str(caught.value), repr(caught.value), caplog.text]
+        assert "\n" not in str(caught.value)
+        assert "'orders'" in str(caught.value)
+    for text in shown:
+        for form in secret_forms(secret):
+            assert form not in text, (form, text)
+    assert "app@127.0.0.1" in maker.safe_url() or "app:***@127.0.0.1" in maker.safe_url()
+    assert "***" in maker.safe_url()
+    # ...but the driver gets it.
+    assert secret in (maker.url.password, *maker.url.query.values())
+
+
 # -- makers built from settings, on the real databases -------------------------------------
 
 
@@ -322,10 +389,12 @@ def test_malformed_uri(clean_env: pytest.MonkeyPatch, twin: str, uri: str, sourc
     if source == "env":
         clean_env.setenv("DATABASE_URI", uri)
     with pytest.raises(ConfigurationError) as caught:
-        maker_class(twin)(None if source == "env" else uri).cached_engine  # noqa: B018
+        maker_class(twin)(None if source == "env" else uri)  # fails when built, not at first use
     text = assert_one_line_without_secret(caught.value)
-    assert "DATABASE_URI is not a valid database URL" in text
+    named = "DATABASE_URI" if source == "env" else "database_uri"
+    assert f"{named} is not a valid database URL" in text
     assert "postgresql://user:password@host:5432/name" in text  # shows the expected shape
+    assert_not_chained(caught.value)
 
 
 @pytest.mark.parametrize("source", ["uri", "scheme"])
@@ -407,6 +476,98 @@ def test_driver_sqlalchemy_does_not_know(twin: str) -> None:
     text = assert_one_line_without_secret(caught.value)
     assert "'postgresql+nodriver'" in text
     assert "leave the driver out" in text
+
+
+@pytest.mark.parametrize(
+    ("uri", "fix"),
+    [
+        ("mysql+mysqldb://root@db/shop", "pip install mysqlclient"),
+        ("postgresql+pg8000://app@db/shop", "pip install pg8000"),
+        ("mysql+mysqlconnector://root@db/shop", "pip install mysql-connector-python"),
+        ("mariadb+mariadbconnector://root@db/shop", "pip install mariadb"),
+        # Drivers SQLAlchemy knows that have no entry of ours: the missing module is named.
+        ("postgresql+psycopg2cffi://app@db/shop", "'psycopg2cffi'"),
+        ("mysql+cymysql://root@db/shop", "'cymysql'"),
+    ],
+)
+@pytest.mark.parametrize("where", ["maker", "get_engine"])
+def test_a_sync_driver_that_is_not_installed_names_the_fix(uri: str, fix: str, where: str) -> None:
+    backend = uri.split("+")[0]
+    named = "database_uri" if where == "maker" else "uri"
+    build = FastAPISessionMaker if where == "maker" else get_engine
+    with pytest.raises(ConfigurationError) as caught:
+        build(f"{uri}?password={SECRET}")
+    text = assert_one_line_without_secret(caught.value)
+    assert text.startswith(f"{named} uses the {uri.split(':')[0]} driver, but ")
+    assert fix in text
+    assert f"{backend}+pymysql" in text or f"{backend}+psycopg" in text  # the default driver
+    assert "db/shop" not in text  # never the URL
+    assert_not_chained(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("twin_", "uri", "module"),
+    [
+        ("sync", "mysql+mysqldb://root@db/shop", "MySQLdb"),
+        ("async", "mysql+asyncmy://root@db/shop", "asyncmy"),
+    ],
+)
+def test_an_import_error_at_engine_creation_is_one_line_too(
+    clean_env: pytest.MonkeyPatch, twin_: str, uri: str, module: str
+) -> None:
+    """Whatever the check at construction missed, ``create_engine``'s ImportError is one line."""
+    clean_env.setattr(base, "_installed", lambda name: True)  # the check believes it is installed
+    maker = maker_class(twin_)(uri)
+    with pytest.raises(ConfigurationError) as caught:
+        maker.get_new_engine()
+    text = assert_one_line_without_secret(caught.value)
+    assert text.startswith(f"database_uri uses the {uri.split(':')[0]} driver, but {module!r}")
+    assert_not_chained(caught.value)
+
+
+@pytest.mark.parametrize("port", [0, 65536, 99999])
+@pytest.mark.parametrize("source", ["env", "argument", "components"])
+def test_a_port_out_of_range_is_one_line(
+    clean_env: pytest.MonkeyPatch, twin: str, port: int, source: str
+) -> None:
+    uri = f"postgresql://app:{SECRET}@db:{port}/shop"
+    if source == "env":
+        clean_env.setenv("DATABASE_URI", uri)
+    elif source == "components":
+        clean_env.setenv("DATABASE_SCHEME", "postgresql")
+        clean_env.setenv("DATABASE_PASSWORD", SECRET)
+        clean_env.setenv("DATABASE_PORT", str(port))
+    with pytest.raises(ConfigurationError) as caught:
+        maker_class(twin)(uri if source == "argument" else None)
+    text = assert_one_line_without_secret(caught.value)
+    if source == "components":  # DatabaseSettings checks the range: "DATABASE_PORT: Input should be..."
+        assert "DATABASE_PORT:" in text, text
+    else:
+        named = "DATABASE_URI" if source == "env" else "database_uri"
+        assert text.startswith(f"{named} has port {port}: a port is a number from 1 to 65535"), text
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("nonsense", "database_uri is not a valid database URL"),
+        ("oracle://app@db/shop", "database_uri names an unknown database dialect 'oracle'"),
+        ("postgresql+nodriver://app@db/shop", "database_uri names a driver SQLAlchemy does not know"),
+        ("mysql+mysqldb://root@db/shop", "database_uri uses the mysql+mysqldb driver"),
+    ],
+)
+def test_a_bad_argument_fails_when_the_maker_is_built(
+    clean_env: pytest.MonkeyPatch, twin: str, uri: str, expected: str
+) -> None:
+    clean_env.setenv("DATABASE_URI", "sqlite://")  # the environment is not what is wrong
+    if twin == "async" and "mysqldb" in uri:
+        expected = "database_uri uses mysql+mysqldb, a sync driver"
+    with pytest.raises(ConfigurationError) as caught:
+        maker_class(twin)(uri)  # not at first use of the engine
+    text = assert_one_line_without_secret(caught.value)
+    assert text.startswith(expected), text
+    assert "DATABASE_URI" not in text
+    assert_not_chained(caught.value)
 
 
 # -- an unreachable database fails start-up -------------------------------------------------

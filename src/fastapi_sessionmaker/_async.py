@@ -19,7 +19,14 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from fastapi_sessionmaker._base import Limiter, MakerBase, install_liveness_check, unknown_driver
+from fastapi_sessionmaker._base import (
+    Limiter,
+    MakerBase,
+    enforce_sqlite_foreign_keys,
+    install_liveness_check,
+    missing_driver,
+    unknown_driver,
+)
 from fastapi_sessionmaker._fastapi import current_state, run_to_completion
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._sessions import compose
@@ -151,14 +158,18 @@ class AsyncFastAPISessionMaker(MakerBase):
             kwargs = self._engine_kwargs()
             engine = create_async_engine(self.url, **kwargs)
         except sa.exc.NoSuchModuleError:
-            raise unknown_driver(self.url, is_async=True) from None
-        except sa.exc.InvalidRequestError as exc:
+            raise unknown_driver(self.url, is_async=True, variable=self._variable) from None
+        except ImportError as exc:
+            raise missing_driver(self.url, exc.name, is_async=True, variable=self._variable) from None
+        except sa.exc.InvalidRequestError:
             raise ConfigurationError(
-                f"DATABASE_URI uses {self.url.drivername!r}, which is not an async driver: use "
+                f"{self._variable} uses {self.url.drivername!r}, which is not an async driver: use "
                 "e.g. postgresql+asyncpg, mysql+aiomysql or sqlite+aiosqlite (or leave the "
                 "driver out)"
-            ) from exc
+            ) from None
         install_liveness_check(engine.sync_engine, kwargs)
+        if self.sqlite_foreign_keys:
+            enforce_sqlite_foreign_keys(engine.sync_engine)
         return engine
 
     def get_new_sessionmaker(self, engine: AsyncEngine | None) -> async_sessionmaker[AsyncSession]:

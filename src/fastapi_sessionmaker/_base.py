@@ -9,6 +9,7 @@ import select
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, quote_plus
 
 import sqlalchemy as sa
 from fastapi import Depends
@@ -36,21 +37,83 @@ _DEFAULT_DRIVERS: dict[tuple[str, bool], str] = {
     ("sqlite", True): "aiosqlite",
 }
 _ASYNC_FALLBACK = {("postgresql", True): "psycopg"}  # psycopg 3 is async too
+# The DBAPI module of each driver and the fix when it is missing (an extra, or the package).
 _DRIVER_MODULES = {
-    "psycopg": ("psycopg", "postgres"),
-    "psycopg2": ("psycopg2", "psycopg2-binary (not an extra: pip install psycopg2-binary)"),
-    "asyncpg": ("asyncpg", "asyncpg"),
-    "pymysql": ("pymysql", "mysql"),
-    "aiomysql": ("aiomysql", "mysql"),
-    "asyncmy": ("asyncmy", "asyncmy (not an extra: pip install asyncmy)"),
-    "aiosqlite": ("aiosqlite", "aiosqlite"),
-    "pysqlite": ("sqlite3", "none: sqlite3 ships with Python"),
+    "psycopg": ("psycopg", "pip install 'fastapi-sessionmaker[postgres]'"),
+    "psycopg2": ("psycopg2", "pip install psycopg2-binary (not an extra)"),
+    "pg8000": ("pg8000", "pip install pg8000 (not an extra)"),
+    "asyncpg": ("asyncpg", "pip install 'fastapi-sessionmaker[asyncpg]'"),
+    "pymysql": ("pymysql", "pip install 'fastapi-sessionmaker[mysql]'"),
+    "aiomysql": ("aiomysql", "pip install 'fastapi-sessionmaker[mysql]'"),
+    "asyncmy": ("asyncmy", "pip install asyncmy (not an extra)"),
+    "mysqldb": ("MySQLdb", "pip install mysqlclient (not an extra)"),
+    "mysqlconnector": ("mysql.connector", "pip install mysql-connector-python (not an extra)"),
+    "mariadbconnector": ("mariadb", "pip install mariadb (not an extra)"),
+    "aiosqlite": ("aiosqlite", "pip install 'fastapi-sessionmaker[aiosqlite]'"),
+    "pysqlite": ("sqlite3", "sqlite3 ships with Python: use a Python built with it"),
 }
 _KNOWN_BACKENDS = ("postgresql", "mysql", "mariadb", "sqlite")
 
 
 def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # "mysql.connector" without "mysql"
+        return False
+
+
+# Query keys whose values are secrets (``?password=...`` works with psycopg and PyMySQL).
+_SECRET_KEY_PARTS = ("pass", "pwd", "secret", "token", "key", "auth", "credential")
+MASK = "***"
+
+
+def _secret_key(key: str) -> bool:
+    lowered = key.lower()
+    return any(part in lowered for part in _SECRET_KEY_PARTS)
+
+
+def _values(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else value
+
+
+def url_secrets(url: URL) -> list[str]:
+    """The secrets in ``url``: its password and the values of query keys that look secret."""
+    secrets = [str(url.password)] if url.password else []
+    for key, value in url.query.items():
+        if _secret_key(key):
+            secrets.extend(v for v in _values(value) if v)
+    return secrets
+
+
+def render_url(url: str | URL) -> str:
+    """The one way this package shows a URL: the password and secret-looking query values masked.
+
+    Example:
+        >>> render_url("postgresql://app:pw@db:5432/shop?sslpassword=pw2&application_name=api")
+        'postgresql://app:***@db:5432/shop?application_name=api&sslpassword=***'
+    """
+    try:
+        parsed = make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        return "<invalid database URL>"
+    text = parsed.set(query={}).render_as_string(hide_password=True)
+    if parsed.query:
+        text += "?" + "&".join(
+            f"{quote_plus(key)}={MASK if _secret_key(key) else quote_plus(element)}"
+            for key in sorted(parsed.query)
+            for element in _values(parsed.query[key])
+        )
+    return text
+
+
+def scrub(text: str, url: URL | None) -> str:
+    """``text`` with every secret of ``url`` replaced by ``***``, as written or URL-encoded."""
+    if url is None:
+        return text
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
+        for form in {secret, quote(secret, safe=""), quote(secret, safe=" +"), quote_plus(secret)}:
+            text = text.replace(form, MASK)
+    return text
 
 
 # Drivers that only work with one twin: a sync driver under the async maker or the reverse.
@@ -62,7 +125,8 @@ _SYNC_ONLY_DRIVERS = frozenset(
 
 
 def parse_url(database_uri: str | URL, *, variable: str = "DATABASE_URI") -> URL:
-    """Parse ``database_uri`` and check its dialect; :class:`ConfigurationError` naming ``variable``."""
+    """Parse ``database_uri`` and check its dialect and port; :class:`ConfigurationError` naming
+    ``variable``."""
     try:
         url = make_url(database_uri)
     except (sa.exc.ArgumentError, ValueError):
@@ -77,15 +141,33 @@ def parse_url(database_uri: str | URL, *, variable: str = "DATABASE_URI") -> URL
             f"{variable} names an unknown database dialect {backend!r}: use one of "
             + ", ".join(_KNOWN_BACKENDS)
         )
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ConfigurationError(f"{variable} has port {url.port}: a port is a number from 1 to 65535")
     return url
 
 
+def missing_driver(
+    url: URL, module: str | None, *, is_async: bool, variable: str = "DATABASE_URI", hint: str | None = None
+) -> ConfigurationError:
+    """The one-line error for a driver whose DBAPI module is not installed, naming the fix."""
+    backend = url.get_backend_name()
+    driver = url.get_driver_name()
+    default = _DEFAULT_DRIVERS[(backend, is_async)]
+    fix = hint or (f"pip install the package that provides {module!r}" if module else "install it")
+    if driver != default:
+        fix += f", or use {backend}+{default} (leave the driver out: {backend}://...)"
+    what = f"{module!r} is not installed" if module else "its module cannot be imported"
+    return ConfigurationError(f"{variable} uses the {backend}+{driver} driver, but {what}: {fix}")
+
+
 def resolve_url(database_uri: str | URL, *, is_async: bool, variable: str = "DATABASE_URI") -> URL:
-    """Parse ``database_uri`` and fill in an installed driver when it names none.
+    """Parse ``database_uri``, fill in an installed driver when it names none, check the driver.
 
     ``postgresql://`` becomes ``postgresql+psycopg://`` (sync) or ``postgresql+asyncpg://`` (async,
     psycopg when asyncpg is missing), ``mysql://`` and ``mariadb://`` use PyMySQL / aiomysql and
-    ``sqlite://`` aiosqlite when async, so one ``DATABASE_URI`` serves both twins.
+    ``sqlite://`` aiosqlite when async, so one ``DATABASE_URI`` serves both twins. A driver that
+    SQLAlchemy does not know, or whose module is not installed, is a :class:`ConfigurationError`
+    naming ``variable`` and the fix, never the URL.
     """
     url = parse_url(database_uri, variable=variable)
     backend = url.get_backend_name()
@@ -106,13 +188,27 @@ def resolve_url(database_uri: str | URL, *, is_async: bool, variable: str = "DAT
             f"{variable} uses {backend}+{driver}, {kind} driver, with {maker}: use {suggested}, "
             f"or leave the driver out ({backend}://...) and each maker picks its own"
         )
-    module_extra = _DRIVER_MODULES.get(driver)
-    if module_extra is not None and not _installed(module_extra[0]):
-        module, extra = module_extra
-        hint = f"pip install 'fastapi-sessionmaker[{extra}]'" if " " not in extra else extra
+    module_hint = _DRIVER_MODULES.get(driver)
+    if module_hint is not None:
+        if not _installed(module_hint[0]):
+            raise missing_driver(
+                url, module_hint[0], is_async=is_async, variable=variable, hint=module_hint[1]
+            )
+        return url
+    # Any other driver: SQLAlchemy must know it, and its DBAPI module must import.
+    try:
+        dialect = url.get_dialect(_is_async=is_async)
+    except sa.exc.NoSuchModuleError:
+        raise unknown_driver(url, is_async=is_async, variable=variable) from None
+    if is_async and not getattr(dialect, "is_async", False):
         raise ConfigurationError(
-            f"{variable} uses the {backend}+{driver} driver, but {module!r} is not installed: {hint}"
+            f"{variable} uses {url.drivername!r}, which is not an async driver: use "
+            f"{backend}+{_DEFAULT_DRIVERS[(backend, True)]}, or leave the driver out ({backend}://...)"
         )
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise missing_driver(url, exc.name, is_async=is_async, variable=variable) from None
     return url
 
 
@@ -143,6 +239,34 @@ def engine_kwargs(url: URL, options: Mapping[str, Any], *, is_async: bool) -> di
     if kwargs.get("echo"):
         kwargs.setdefault("hide_parameters", True)  # SQL echo never prints bound values by default
     return kwargs
+
+
+def enforce_sqlite_foreign_keys(engine: sa.Engine) -> None:
+    """Run ``PRAGMA foreign_keys=ON`` on every new SQLite connection of ``engine``.
+
+    SQLite ignores ``FOREIGN KEY`` and ``ON DELETE`` unless each connection turns them on. Every
+    engine this package creates calls this (an async engine passes its ``sync_engine``: the
+    listener works for pysqlite and aiosqlite alike); other databases are left as they are. It is
+    a "connect" listener: it runs once per new DBAPI connection, never at checkout or commit.
+
+    Example:
+        >>> engine = sa.create_engine("sqlite://")
+        >>> enforce_sqlite_foreign_keys(engine)
+        >>> with engine.connect() as connection:
+        ...     connection.exec_driver_sql("PRAGMA foreign_keys").scalar()
+        1
+    """
+    if engine.dialect.name != "sqlite":
+        return
+
+    def sqlite_foreign_keys(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    sa.event.listen(engine, "connect", sqlite_foreign_keys)
 
 
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
@@ -284,26 +408,32 @@ class MakerBase:
         policy: CommitPolicy | str = CommitPolicy.AUTO,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        sqlite_foreign_keys: bool = True,
     ) -> None:
         if database_uri is None and settings is None:
             from fastapi_sessionmaker._settings import DatabaseSettings
 
             settings = DatabaseSettings()
         options: dict[str, Any] = {}
+        variable = "database_uri"  # errors name where the URL came from
         if settings is not None:
             if database_uri is None:
                 database_uri = settings.url()
+                variable = "DATABASE_URI" if settings.uri is not None else "DATABASE_SCHEME"
             options.update(settings.engine_options())
         if database_uri is None:  # pragma: no cover - settings always give a URL
             raise ConfigurationError("DATABASE_URI is not set")
         options.update(engine_options or {})
-        self.database_uri = database_uri
+        self._url: URL | None = None
+        self._assign_uri(database_uri, variable)  # a bad URL or driver fails here, not at first use
         self.name = name
         self.policy = CommitPolicy(policy)
         self.engine_options: dict[str, Any] = options
-        self.session_options: dict[str, Any] = {"expire_on_commit": False}
+        self.sqlite_foreign_keys = sqlite_foreign_keys
+        """Whether the maker's SQLite connections enforce foreign keys (``PRAGMA foreign_keys=ON``)."""
+        # fastapi-utils' and the FastAPI tutorial's SessionLocal: no autoflush, no expiry on commit.
+        self.session_options: dict[str, Any] = {"expire_on_commit": False, "autoflush": False}
         self.session_options.update(session_options or {})
-        self._url: URL | None = None
         self._limiter: Limiter | None = None
         self._limiter_ready = False
         self._dependencies: dict[CommitPolicy | None, Any] = {}
@@ -315,19 +445,46 @@ class MakerBase:
         self.dependency: Any = self.depends()
         """``Depends`` for the request session: ``Annotated[Session, db.dependency]``."""
 
+    def _assign_uri(self, database_uri: str | URL, variable: str) -> None:
+        self._url = resolve_url(database_uri, is_async=self.is_async, variable=variable)
+        self._database_uri = database_uri
+        self._variable = variable
+
+    @property
+    def database_uri(self) -> str | URL:
+        """The database URL as given; assign a new one as with fastapi-utils.
+
+        The new URL is checked at once (:class:`ConfigurationError` naming ``database_uri``) and
+        :meth:`get_new_engine` uses it from then on. An engine already cached keeps its URL until
+        :meth:`reset_cache` (or :meth:`dispose`) disposes it; the next :attr:`cached_engine` and
+        :attr:`cached_sessionmaker` then use the new URL. Assigning alone closes nothing, so
+        requests running on the old engine are not cut off.
+
+        Example:
+            >>> from fastapi_sessionmaker import FastAPISessionMaker
+            >>> db = FastAPISessionMaker("sqlite:///./a.db")
+            >>> db.database_uri = "sqlite:///./b.db"
+            >>> db.reset_cache()
+            >>> db.cached_engine.url.database
+            './b.db'
+            >>> db.dispose()
+        """
+        return self._database_uri
+
+    @database_uri.setter
+    def database_uri(self, value: str | URL) -> None:
+        self._assign_uri(value, "database_uri")
+
     @property
     def url(self) -> URL:
-        """The resolved URL (driver filled in); render it with ``hide_password=True``."""
-        if self._url is None:
-            self._url = resolve_url(self.database_uri, is_async=self.is_async)
+        """The resolved URL of :attr:`database_uri` (driver filled in); show it with :meth:`safe_url`."""
+        if self._url is None:  # pragma: no cover - resolved on assignment
+            self._url = resolve_url(self._database_uri, is_async=self.is_async, variable=self._variable)
         return self._url
 
     def safe_url(self) -> str:
-        """The URL as text with the password masked: safe for logs and errors."""
-        try:
-            return self.url.render_as_string(hide_password=True)
-        except ConfigurationError:
-            return "<invalid DATABASE_URI>"
+        """The URL as text with the password and secret query values masked: safe for logs and errors."""
+        return render_url(self.url)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.safe_url()!r}, name={self.name!r})"

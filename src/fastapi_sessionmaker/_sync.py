@@ -13,8 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from fastapi_sessionmaker._base import (
     Limiter,
     MakerBase,
+    enforce_sqlite_foreign_keys,
     install_liveness_check,
+    missing_driver,
     pool_capacity,
+    scrub,
     unknown_driver,
 )
 from fastapi_sessionmaker._fastapi import current_state
@@ -25,21 +28,28 @@ from fastapi_sessionmaker.exceptions import DatabaseUnavailableError
 __all__ = ["FastAPISessionMaker", "ReadOnlySession"]
 
 
-def create_checked_engine(url: sa.URL, kwargs: dict[str, Any], variable: str) -> sa.Engine:
+def create_checked_engine(
+    url: sa.URL, kwargs: dict[str, Any], variable: str, *, sqlite_foreign_keys: bool = True
+) -> sa.Engine:
+    """``create_engine`` with our liveness check and SQLite foreign keys on; a one-line
+    :class:`ConfigurationError` naming ``variable`` (never the URL) for a driver SQLAlchemy does
+    not know or cannot import."""
     try:
         engine = sa.create_engine(url, **kwargs)
     except sa.exc.NoSuchModuleError:
         raise unknown_driver(url, is_async=False, variable=variable) from None
+    except ImportError as exc:
+        raise missing_driver(url, exc.name, is_async=False, variable=variable) from None
     install_liveness_check(engine, kwargs)
+    if sqlite_foreign_keys:
+        enforce_sqlite_foreign_keys(engine)
     return engine
 
 
 def unavailable(maker: MakerBase, exc: BaseException) -> DatabaseUnavailableError:
-    """A one-line start-up error: the URL without password, the error class, its first line."""
+    """A one-line start-up error: the URL without secrets, the error class, its first line."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    password = maker.url.password
-    if password:
-        text = text.replace(str(password), "***")
+    text = scrub(text, maker.url)
     return DatabaseUnavailableError(
         f"cannot reach database {maker.name!r} at {maker.safe_url()}: {type(exc).__name__}: {text}".rstrip(
             ": "
@@ -62,7 +72,11 @@ class FastAPISessionMaker(MakerBase):
         name: The database's name in logs, health checks and ``init_app`` (several databases).
         policy: When request sessions commit (:class:`CommitPolicy`).
         engine_options: Extra ``create_engine`` keyword arguments (they win over ours).
-        session_options: Extra ``sessionmaker`` keyword arguments.
+        session_options: Extra ``sessionmaker`` keyword arguments (they win over our
+            ``expire_on_commit=False`` and ``autoflush=False``, as in fastapi-utils).
+        sqlite_foreign_keys: On SQLite, run ``PRAGMA foreign_keys=ON`` on every connection
+            (the default), so ``FOREIGN KEY`` and ``ON DELETE CASCADE`` are enforced; ``False``
+            keeps SQLite's own default (not enforced). Other databases always enforce them.
 
     Example:
         >>> from typing import Annotated
@@ -102,7 +116,9 @@ class FastAPISessionMaker(MakerBase):
 
     def get_new_engine(self) -> sa.Engine:
         """A new engine with this maker's options (dead pooled connections replaced on checkout)."""
-        return create_checked_engine(self.url, self._engine_kwargs(), "DATABASE_URI")
+        return create_checked_engine(
+            self.url, self._engine_kwargs(), self._variable, sqlite_foreign_keys=self.sqlite_foreign_keys
+        )
 
     def get_new_sessionmaker(self, engine: sa.Engine | None) -> sessionmaker[Session]:
         """A new sessionmaker bound to ``engine`` (the cached engine when ``None``)."""

@@ -42,12 +42,15 @@ class ConcurrentSessionUseError(FastAPISessionMakerError, RuntimeError):
 class ConfigurationError(FastAPISessionMakerError, ValueError):
     """The database settings cannot work: the message names the variable or the extra to install.
 
+    Raised when the maker is built: it names the argument (``database_uri``) or, for settings
+    read from the environment, the variable (``DATABASE_URI``, ``DATABASE_SCHEME``...).
+
     Example:
         >>> from fastapi_sessionmaker import FastAPISessionMaker
-        >>> FastAPISessionMaker("not a url").cached_engine  # doctest: +ELLIPSIS
+        >>> FastAPISessionMaker("not a url")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        fastapi_sessionmaker.exceptions.ConfigurationError: DATABASE_URI is not a valid ...
+        fastapi_sessionmaker.exceptions.ConfigurationError: database_uri is not a valid ...
     """
 
 

@@ -30,7 +30,7 @@ def get_engine(uri: str) -> sa.Engine:
         >>> engine.url.render_as_string()
         'sqlite+pysqlite:///./app.db'
     """
-    url = resolve_url(uri, is_async=False)
+    url = resolve_url(uri, is_async=False, variable="uri")
     return create_checked_engine(url, engine_kwargs(url, {}, is_async=False), "uri")
 
 

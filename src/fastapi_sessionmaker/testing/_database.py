@@ -13,7 +13,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool, QueuePool
 
-from fastapi_sessionmaker._base import engine_kwargs, resolve_url
+from fastapi_sessionmaker._base import enforce_sqlite_foreign_keys, engine_kwargs, render_url, resolve_url
 from fastapi_sessionmaker.exceptions import ConfigurationError
 
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -161,6 +161,7 @@ class TestDatabase:
             # one of them stays open (the keeper).
             kwargs.update(poolclass=QueuePool, connect_args={"check_same_thread": False})
         engine = sa.create_engine(self.url, **kwargs)
+        enforce_sqlite_foreign_keys(engine)  # as the app's makers do
         if self.backend == "sqlite":
             sqlite_savepoints(engine)
             if self.path is None:
@@ -174,10 +175,11 @@ class TestDatabase:
         kwargs.pop("connect_args", None)
         kwargs["poolclass"] = NullPool
         engine = create_async_engine(url, **kwargs)
+        enforce_sqlite_foreign_keys(engine.sync_engine)
         if self.backend == "sqlite":
             sqlite_savepoints(engine.sync_engine)
         return engine
 
     def safe_url(self) -> str:
-        """The test database's URL with the password masked."""
-        return self.url.render_as_string(hide_password=True)
+        """The test database's URL with the password and secret query values masked."""
+        return render_url(self.url)
