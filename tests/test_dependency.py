@@ -20,7 +20,7 @@ from fastapi_sessionmaker import (
     FastAPISessionMaker,
     NotInstalledError,
 )
-from fastapi_sessionmaker._fastapi import Registry, RequestState, _current, dependency_for, enter_state
+from fastapi_sessionmaker._request import Registry, RequestState, dependency_for, enter_state, reset_state
 from tests.conftest import checked_out, pool_of
 
 
@@ -62,7 +62,7 @@ def test_without_fastapis_endpoint_exit_stack_no_session_is_opened(tmp_path: Pat
         try:
             await dependency(request)
         finally:
-            _current.reset(token)
+            reset_state(token)
 
     with pytest.raises(NotInstalledError, match="fastapi_function_astack"):
         asyncio.run(call())

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 
 from fastapi_sessionmaker import default_error_mapper
-from fastapi_sessionmaker._policy import classify, is_connection_error, is_integrity_error
+from fastapi_sessionmaker._errors import classify, is_connection_error, is_integrity_error
 from tests.conftest import MakerFactory
 
 # Every DBAPIError class but IntegrityError and InterfaceError (those two decide by class).

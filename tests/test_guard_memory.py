@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from starlette.types import Message
 
 from fastapi_sessionmaker import FastAPISessionMaker
-from fastapi_sessionmaker._fastapi import RequestState, current_state
+from fastapi_sessionmaker._request import RequestState, current_state
 
 
 async def _get(app: FastAPI, path: str) -> int:

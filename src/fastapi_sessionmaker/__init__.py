@@ -21,12 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from fastapi_sessionmaker._async import AsyncFastAPISessionMaker as AsyncFastAPISessionMaker
-from fastapi_sessionmaker._fastapi import default_async_session, default_sync_session
+from fastapi_sessionmaker._errors import Problem as Problem
+from fastapi_sessionmaker._errors import default_error_mapper as default_error_mapper
 from fastapi_sessionmaker._health import health_router as health_router
 from fastapi_sessionmaker._health import pool_stats as pool_stats
 from fastapi_sessionmaker._policy import CommitPolicy as CommitPolicy
-from fastapi_sessionmaker._policy import Problem as Problem
-from fastapi_sessionmaker._policy import default_error_mapper as default_error_mapper
+from fastapi_sessionmaker._request import default_async_session, default_sync_session
 from fastapi_sessionmaker._sessions import ReadOnlySession as ReadOnlySession
 from fastapi_sessionmaker._settings import DatabaseSettings as DatabaseSettings
 from fastapi_sessionmaker._sync import FastAPISessionMaker as FastAPISessionMaker

@@ -27,9 +27,10 @@ from fastapi_sessionmaker._base import (
     missing_driver,
     unknown_driver,
 )
-from fastapi_sessionmaker._fastapi import current_state, run_to_completion
 from fastapi_sessionmaker._policy import CommitPolicy
+from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._sessions import compose
+from fastapi_sessionmaker._shield import run_to_completion
 from fastapi_sessionmaker._sync import unavailable
 from fastapi_sessionmaker.exceptions import ConcurrentSessionUseError, ConfigurationError
 

@@ -16,8 +16,9 @@ from fastapi import Depends
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 
-from fastapi_sessionmaker._fastapi import ErrorMapper, chain_lifespan, dependency_for, registry_for
+from fastapi_sessionmaker._guard import chain_lifespan, registry_for
 from fastapi_sessionmaker._policy import CommitPolicy
+from fastapi_sessionmaker._request import ErrorMapper, current_state, dependency_for
 from fastapi_sessionmaker.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -548,8 +549,6 @@ class MakerBase:
 
     def _task_policy(self) -> CommitPolicy:
         """The policy of this request's session of this maker, else the maker's (``task_session``)."""
-        from fastapi_sessionmaker._fastapi import current_state
-
         state = current_state()
         if state is not None:
             for entry in state.entries:
@@ -557,7 +556,7 @@ class MakerBase:
                     return entry.policy
         return self.policy
 
-    # The guard's view of a maker (see ``_fastapi.RequestMaker``); each twin implements these.
+    # The guard's view of a maker (see ``_request.RequestMaker``); each twin implements these.
     def _new_request_session(self, policy: CommitPolicy) -> Any:
         raise NotImplementedError
 

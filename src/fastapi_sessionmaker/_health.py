@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from fastapi_sessionmaker._policy import is_connection_error
+from fastapi_sessionmaker._errors import is_connection_error
 
 if TYPE_CHECKING:
     from fastapi_sessionmaker._async import AsyncFastAPISessionMaker

@@ -20,8 +20,8 @@ from fastapi_sessionmaker._base import (
     scrub,
     unknown_driver,
 )
-from fastapi_sessionmaker._fastapi import current_state
 from fastapi_sessionmaker._policy import CommitPolicy
+from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._sessions import ReadOnlySession, compose, try_lock, unlock
 from fastapi_sessionmaker.exceptions import DatabaseUnavailableError
 

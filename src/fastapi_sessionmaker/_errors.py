@@ -1,0 +1,234 @@
+"""Database errors: classification by driver code (SQLSTATE, error number), the error -> HTTP mapping,
+and the one log line of every mapped error."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+logger = logging.getLogger("fastapi_sessionmaker")
+
+__all__ = [
+    "Problem",
+    "classify",
+    "default_error_mapper",
+    "is_connection_error",
+    "is_integrity_error",
+    "log_mapped",
+]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An RFC 9457 problem: what a database error becomes at the HTTP edge.
+
+    Example:
+        >>> Problem(409, "Conflict", "The request conflicts with data already stored.").status
+        409
+    """
+
+    status: int
+    title: str
+    detail: str
+    headers: dict[str, str] = field(default_factory=dict)
+    type: str = "about:blank"
+
+    def body(self) -> dict[str, object]:
+        """The JSON body (``application/problem+json``)."""
+        return {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+
+
+_CONNECTION_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+    }
+)
+
+
+# PostgreSQL SQLSTATEs (besides class 08, connection exception) that mean "not now": too many
+# connections, admin / crash shutdown, the server is starting up or shutting down.
+_PG_UNAVAILABLE = frozenset({"53300", "57P01", "57P02", "57P03"})
+# MySQL/MariaDB error numbers that mean the server is out of reach or refuses connections.
+_MYSQL_UNAVAILABLE = frozenset({1040, 1053, 1152, 1203, 1226, 1927, 2002, 2003, 2005, 2006, 2013, 2055, 4031})
+# MySQL/MariaDB error numbers of integrity violations: duplicate key, foreign key, NOT NULL, CHECK.
+# PyMySQL raises some of them as OperationalError (MariaDB's CHECK failure, 4025) or InternalError.
+_MYSQL_INTEGRITY = frozenset(
+    {1022, 1048, 1062, 1169, 1216, 1217, 1451, 1452, 1557, 1586, 1761, 1762, 3819, 4025}
+)
+# SQLite primary result codes: SQLITE_BUSY, SQLITE_LOCKED, SQLITE_CANTOPEN; SQLITE_CONSTRAINT.
+_SQLITE_UNAVAILABLE = frozenset({5, 6, 14})
+_SQLITE_CONSTRAINT = 19
+
+UNAVAILABLE = "unavailable"
+INTEGRITY = "integrity"
+OTHER = "other"
+
+
+def _sqlstate(orig: BaseException | None) -> str | None:
+    """The SQLSTATE a driver's exception carries (psycopg, asyncpg and its SQLAlchemy adapter).
+
+    SQLAlchemy's asyncpg adapter copies it to ``sqlstate`` / ``pgcode``; the asyncpg exception
+    itself (``__cause__``) has ``sqlstate`` too. MySQL's generic ``HY000`` says nothing.
+    """
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        for name in ("sqlstate", "pgcode"):
+            code = getattr(candidate, name, None)
+            if isinstance(code, str) and len(code) == 5 and code != "HY000":
+                return code.upper()
+    return None
+
+
+def _mysql_errno(orig: BaseException | None) -> int | None:
+    """The MySQL/MariaDB error number: ``args[0]`` (PyMySQL, aiomysql, asyncmy, mysqlclient) or
+    ``errno`` (mysql-connector, MariaDB Connector/Python)."""
+    if isinstance(orig, OSError):  # its args[0] is an errno, not a MySQL error number
+        return None
+    if type(orig).__module__.split(".")[0] in {"mysql", "mariadb"}:
+        code = getattr(orig, "errno", None)
+        if isinstance(code, int):
+            return code
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        return args[0]
+    return None
+
+
+def _sqlite_kind(orig: BaseException | None) -> str:
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        primary = code & 0xFF
+        if primary == _SQLITE_CONSTRAINT:
+            return INTEGRITY
+        return UNAVAILABLE if primary in _SQLITE_UNAVAILABLE else OTHER
+    text = str(orig)  # Python 3.10: no error code on sqlite3 exceptions
+    if "database is locked" in text or "unable to open database" in text:
+        return UNAVAILABLE
+    return INTEGRITY if "constraint failed" in text else OTHER
+
+
+def classify(orig: BaseException | None) -> str | None:
+    """What a driver's exception means by its code, whatever its class: ``"unavailable"``,
+    ``"integrity"``, ``"other"``, or ``None`` when it carries no code this package knows.
+
+    SQLite's result code decides for sqlite3 / aiosqlite; a MySQL/MariaDB error number we know
+    comes before the SQLSTATE (MySQL's SQLSTATEs are coarse: ``42000`` is also "too many
+    connections for this user"); then the SQLSTATE (class 08, 53300, 57P01-57P03: unavailable;
+    class 23: integrity), from psycopg, asyncpg or the MySQL drivers.
+
+    Example:
+        >>> import sqlite3
+        >>> classify(sqlite3.OperationalError("database is locked"))
+        'unavailable'
+    """
+    if type(orig).__module__.startswith("sqlite3"):
+        return _sqlite_kind(orig)
+    errno_ = _mysql_errno(orig)
+    if errno_ in _MYSQL_UNAVAILABLE:
+        return UNAVAILABLE
+    if errno_ in _MYSQL_INTEGRITY:
+        return INTEGRITY
+    sqlstate = _sqlstate(orig)
+    if sqlstate is not None:
+        if sqlstate.startswith("08") or sqlstate in _PG_UNAVAILABLE:
+            return UNAVAILABLE
+        return INTEGRITY if sqlstate.startswith("23") else OTHER
+    return None if errno_ is None else OTHER
+
+
+def is_integrity_error(exc: BaseException) -> bool:
+    """True for integrity violations (unique, foreign key, NOT NULL, CHECK): the class or the code.
+
+    ``IntegrityError`` always is; any other ``DBAPIError`` is when the driver's code says so
+    (SQLSTATE class 23, MySQL 1062 / 1451 / 1452 / 4025..., SQLite ``SQLITE_CONSTRAINT``).
+    """
+    if isinstance(exc, sa.exc.IntegrityError):
+        return True
+    return isinstance(exc, sa.exc.DBAPIError) and classify(exc.orig) == INTEGRITY
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for errors that mean the database is out of reach (retrying later may work).
+
+    Covers SQLAlchemy's pool timeout and disconnect errors, any ``DBAPIError`` (whatever its
+    class: asyncpg's server errors arrive as a plain ``DBAPIError``) whose SQLSTATE or error number
+    says so, and the bare ``OSError`` family that asyncpg raises when PostgreSQL is down
+    (SQLAlchemy does not wrap those). An ``OperationalError`` without a code we know (psycopg's
+    client-side connection failures) counts as unavailable.
+    """
+    if isinstance(exc, (sa.exc.TimeoutError, sa.exc.DisconnectionError)):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated or isinstance(exc, sa.exc.InterfaceError):
+            return True
+        kind = classify(exc.orig)
+        if kind is None:
+            return isinstance(exc, sa.exc.OperationalError)
+        return kind == UNAVAILABLE
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+        return True
+    if type(exc) is OSError:
+        # asyncpg joins several refused addresses into one "Multiple exceptions: ..." OSError.
+        return exc.errno in _CONNECTION_ERRNOS or "Connect call failed" in str(exc)
+    return False
+
+
+def default_error_mapper(exc: BaseException, *, retry_after: int = 1) -> Problem | None:
+    """Map a database error to a :class:`Problem`; ``None`` for anything that is not one.
+
+    Integrity violations are 409; connection loss, pool timeout or an unreachable database are
+    503 with ``Retry-After``; any other SQLAlchemy error is 500. A driver error is classified by
+    its SQLSTATE or error number, whatever class SQLAlchemy gave it (see :func:`classify`).
+    Messages never contain SQL, parameters or the URL.
+
+    Example:
+        >>> import sqlalchemy as sa
+        >>> default_error_mapper(sa.exc.IntegrityError("INSERT", {}, Exception("dup"))).status
+        409
+    """
+    if is_integrity_error(exc):
+        return Problem(409, "Conflict", "The request conflicts with data already stored.")
+    if is_connection_error(exc):
+        return Problem(
+            503,
+            "Service Unavailable",
+            "The database is unavailable; retry later.",
+            headers={"Retry-After": str(retry_after)},
+        )
+    if isinstance(exc, sa.exc.SQLAlchemyError):
+        return Problem(500, "Internal Server Error", "A database error occurred.")
+    return None
+
+
+def log_mapped(problem: Problem, exc: BaseException, *, method: str, path: str, database: str) -> None:
+    """One structured line per mapped error: status, error class, path, database (no secrets)."""
+    level = logging.ERROR if problem.status >= 500 and problem.status != 503 else logging.WARNING
+    logger.log(
+        level,
+        "database error mapped to %s: %s on %s %s (database %r)",
+        problem.status,
+        type(exc).__name__,
+        method,
+        path,
+        database,
+        extra={
+            "status": problem.status,
+            "error_class": type(exc).__name__,
+            "path": path,
+            "database": database,
+        },
+    )

@@ -1,0 +1,313 @@
+"""Per-request state: the sessions one HTTP request opened, the registry of makers installed on an
+app, and the request-session dependencies (``DBSession``, ``db.dependency``).
+
+How a request session ends (the guard, :mod:`._guard`, drives steps 2-4):
+
+1. A dependency opens the session and registers it with the request's :class:`RequestState`
+   (a context variable set by the guard). A callback on FastAPI's per-endpoint exit stack only
+   records whether an exception was raised through the endpoint.
+2. When the app sends ``http.response.start``, the policy decides whether to commit (the status is
+   known, whether the response was returned, raised or made by an exception handler); the guard
+   commits or rolls back and only then lets the status line go out.
+3. An exception that escapes the app rolls the sessions back. If the client has already
+   disconnected when the status line is due, nothing is committed.
+4. When the response body is complete (before background tasks run), or else when the app returns
+   or is cancelled, every session is closed, shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar, Token
+from typing import Any, Protocol
+
+from starlette.requests import HTTPConnection
+
+from fastapi_sessionmaker._errors import Problem, default_error_mapper
+from fastapi_sessionmaker._policy import CommitPolicy
+from fastapi_sessionmaker._sessions import discarded_changes, mark_response_started
+from fastapi_sessionmaker.exceptions import NotInstalledError
+
+logger = logging.getLogger("fastapi_sessionmaker")
+
+__all__ = [
+    "ErrorMapper",
+    "Registry",
+    "RequestMaker",
+    "RequestState",
+    "current_state",
+    "default_async_session",
+    "default_sync_session",
+    "dependency_for",
+    "enter_state",
+    "require_state",
+    "reset_state",
+]
+
+ErrorMapper = Callable[[BaseException], "Problem | None"]
+
+
+class RequestMaker(Protocol):
+    """What the guard needs from a maker (sync or async)."""
+
+    name: str
+    policy: CommitPolicy
+    is_async: bool
+
+    def _new_request_session(self, policy: CommitPolicy) -> Any: ...
+
+    def _request_limiter(self) -> Any: ...
+
+    async def _end_transaction(self, session: Any, commit: bool) -> None: ...
+
+    async def _close_session(self, session: Any) -> None: ...
+
+
+class _Entry:
+    __slots__ = ("closed", "finished", "maker", "policy", "semaphore", "session", "shared")
+
+    def __init__(
+        self,
+        maker: RequestMaker,
+        session: Any,
+        policy: CommitPolicy,
+        semaphore: asyncio.Semaphore | None,
+        shared: bool,
+    ) -> None:
+        self.maker = maker
+        self.session = session
+        self.policy = policy
+        self.semaphore = semaphore
+        self.shared = shared
+        self.finished = False
+        self.closed = False
+
+    def release(self) -> None:
+        if self.semaphore is not None:
+            self.semaphore.release()
+            self.semaphore = None
+
+
+class Registry:
+    """The makers installed on one app (``app.state.fastapi_sessionmaker``)."""
+
+    def __init__(self) -> None:
+        self.makers: dict[str, RequestMaker] = {}
+        self.default_sync: RequestMaker | None = None
+        self.default_async: RequestMaker | None = None
+        self.error_mapper: ErrorMapper = default_error_mapper
+
+    def add(self, maker: RequestMaker) -> None:
+        existing = self.makers.get(maker.name)
+        if existing is not None and existing is not maker:
+            raise ValueError(
+                f"a maker named {maker.name!r} is already installed on this app: give each "
+                "database its own name=..."
+            )
+        self.makers[maker.name] = maker
+        if maker.is_async:
+            if self.default_async is None:
+                self.default_async = maker
+        elif self.default_sync is None:
+            self.default_sync = maker
+
+
+class RequestState:
+    """The sessions one HTTP request opened, and whether an exception went through the endpoint."""
+
+    # Flags are class-level defaults: a request that opens no session writes none of them.
+    raised = False
+    client_gone = False
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.entries: list[_Entry] = []
+
+    async def open(self, maker: RequestMaker, policy: CommitPolicy | None) -> Any:
+        """The request's session for ``maker``: one per maker and request, opened on first use."""
+        for entry in self.entries:
+            if entry.maker is maker and entry.shared:
+                return entry.session
+        limiter = maker._request_limiter()
+        semaphore = await limiter.acquire() if limiter is not None else None
+        try:
+            chosen = maker.policy if policy is None else policy
+            session = maker._new_request_session(chosen)
+        except BaseException:
+            if semaphore is not None:
+                semaphore.release()
+            raise
+        self.entries.append(_Entry(maker, session, chosen, semaphore, shared=True))
+        return session
+
+    def record_exit(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> bool:
+        """Exit-stack callback run when the endpoint is done: remember whether it raised."""
+        if exc_type is not None:
+            self.raised = True
+        return False  # never swallow the exception
+
+    def share(self, maker: RequestMaker) -> Any:
+        """The request's session for ``maker`` for ``get_db()``: the same one ``DBSession`` gets.
+
+        Opened here (without a pool slot: ``get_db`` runs in a worker thread) when no dependency
+        opened it yet; either way it commits before the response, once.
+        """
+        for entry in self.entries:
+            if entry.maker is maker and entry.shared:
+                return entry.session
+        session = maker._new_request_session(maker.policy)
+        self.entries.append(_Entry(maker, session, maker.policy, None, shared=True))
+        return session
+
+    async def finish(
+        self, status: int | None, client_gone: Callable[[], Awaitable[bool]] | None = None
+    ) -> tuple[BaseException, RequestMaker] | None:
+        """Commit or roll back every open session; the first failure, if any.
+
+        ``client_gone`` is asked once, just before the first commit: when it answers True the
+        client has disconnected and every session rolls back instead.
+        """
+        failure: tuple[BaseException, RequestMaker] | None = None
+        for entry in self.entries:
+            if entry.finished:
+                continue
+            entry.finished = True
+            commit = failure is None and entry.policy.should_commit(status=status, raised=self.raised)
+            if commit and client_gone is not None:
+                self.client_gone = await client_gone()
+                client_gone = None
+            if self.client_gone:
+                commit = False
+            try:
+                await entry.maker._end_transaction(entry.session, commit)
+            except Exception as exc:
+                if failure is None:
+                    failure = (exc, entry.maker)
+                else:
+                    logger.exception("rollback failed on database %r", entry.maker.name)
+            finally:
+                mark_response_started(entry.session)
+                entry.release()
+        return failure
+
+    def needs_io_to_close(self) -> bool:
+        """Whether closing may talk to a database (a transaction is still open somewhere)."""
+        return any(
+            not entry.closed and (not entry.finished or entry.session.in_transaction())
+            for entry in self.entries
+        )
+
+    async def close(self) -> None:
+        """Close every session (when the response is complete, or the request ends or is cancelled)."""
+        for entry in self.entries:
+            if entry.closed:
+                continue
+            entry.closed = True
+            if discarded_changes(entry.session):
+                logger.error(
+                    "changes made to objects of a request session after its response started were "
+                    "discarded (database %r): write before returning the response",
+                    entry.maker.name,
+                )
+            try:
+                if not entry.finished:
+                    entry.finished = True
+                    await entry.maker._end_transaction(entry.session, False)
+                await entry.maker._close_session(entry.session)
+            except Exception:
+                logger.exception("closing a session of database %r failed", entry.maker.name)
+            finally:
+                entry.release()
+
+
+# The context holds a weak reference: asyncio copies the context into every callback scheduled
+# from the request (uvicorn's keep-alive timer among them, alive for seconds), and a strong one
+# would keep each finished request's objects alive with it. Under load that promoted them into
+# the old GC generations and caused full collections of ~30 ms (the p99 of a no-database
+# endpoint went from 3 to 28 ms; measured with wrk, see benchmarks/).
+_current: ContextVar[weakref.ref[RequestState] | None] = ContextVar(
+    "fastapi_sessionmaker_request", default=None
+)
+
+
+def enter_state(state: RequestState) -> Token[weakref.ref[RequestState] | None]:
+    """Make ``state`` the current request's state (undo with :func:`reset_state`)."""
+    return _current.set(weakref.ref(state))
+
+
+def reset_state(token: Token[weakref.ref[RequestState] | None]) -> None:
+    """Undo :func:`enter_state`."""
+    _current.reset(token)
+
+
+def current_state() -> RequestState | None:
+    """The request state of the request being served in this context, if any."""
+    ref = _current.get()
+    return None if ref is None else ref()
+
+
+def require_state() -> RequestState:
+    state = current_state()
+    if state is None:
+        raise NotInstalledError(
+            "fastapi_sessionmaker: this app has no session guard, so the request session cannot "
+            "be committed before the response. Call maker.init_app(app) once after creating the "
+            "app (or, in tests, use the app that did)."
+        )
+    return state
+
+
+def dependency_for(
+    resolve: Callable[[RequestState], RequestMaker], policy: CommitPolicy | None
+) -> Callable[[HTTPConnection], Awaitable[Any]]:
+    """A dependency returning the request's session of ``resolve(state)``.
+
+    A plain coroutine, not a generator: FastAPI's generator machinery costs about 20 µs per
+    request (``benchmarks/dependency_cost.py`` measures it). Whether the endpoint raised is learned
+    from a callback on the exit stack FastAPI closes when the endpoint (and its
+    ``scope="function"`` dependencies) are done, the moment a generator dependency's ``except``
+    would run.
+    """
+
+    async def request_session(request: HTTPConnection) -> Any:
+        if request.scope["type"] != "http":
+            raise NotInstalledError(
+                "fastapi_sessionmaker: a request session is for HTTP requests; a WebSocket would "
+                "hold its connection for the socket's lifetime. Open a short session per message "
+                "instead: `with maker.context_session() as session:` "
+                "(async: `async with maker.context_session() as session:`)"
+            )
+        state = require_state()
+        stack = request.scope.get("fastapi_function_astack")
+        if stack is None:
+            raise NotInstalledError(
+                "fastapi_sessionmaker: this FastAPI version has no per-endpoint exit stack "
+                "(scope['fastapi_function_astack']), so an exception raised by the endpoint could "
+                "not be seen before the commit: use fastapi>=0.121 and report the version you run"
+            )
+        session = await state.open(resolve(state), policy)
+        stack.push(state.record_exit)
+        return session
+
+    return request_session
+
+
+def _default_sync(state: RequestState) -> RequestMaker:
+    if state.registry.default_sync is None:
+        raise NotInstalledError("DBSession needs a FastAPISessionMaker installed with maker.init_app(app)")
+    return state.registry.default_sync
+
+
+def _default_async(state: RequestState) -> RequestMaker:
+    if state.registry.default_async is None:
+        raise NotInstalledError(
+            "AsyncDBSession needs an AsyncFastAPISessionMaker installed with maker.init_app(app)"
+        )
+    return state.registry.default_async
+
+
+default_sync_session = dependency_for(_default_sync, None)
+default_async_session = dependency_for(_default_async, None)

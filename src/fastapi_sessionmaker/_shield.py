@@ -1,0 +1,109 @@
+"""Cancellation-safe cleanup: work that runs to its end even if the request is cancelled, and a look
+at the ASGI ``receive`` channel that never waits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import anyio
+from starlette.types import Message, Receive
+
+logger = logging.getLogger("fastapi_sessionmaker")
+
+__all__ = ["poll_receive", "run_to_completion"]
+
+_T = TypeVar("_T")
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # another event loop (trio): anyio's shield covers every cancellation
+        return None
+
+
+if sys.version_info >= (3, 12):
+
+    def _start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """A task that runs ``coro`` at once up to its first wait (one loop turn saved)."""
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+
+else:
+
+    def _start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        return loop.create_task(coro)
+
+
+async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
+    """Await ``function(*args)`` to its end even if the calling task is cancelled meanwhile.
+
+    ``anyio.CancelScope(shield=True)`` stops anyio's cancel scopes but not a plain asyncio
+    ``task.cancel()`` (``asyncio.timeout``, ``wait_for``, a server cancelling its tasks): a second
+    cancellation would interrupt a commit or a rollback halfway. On asyncio the work runs in a task
+    of its own that cancellation cannot reach; a cancellation received meanwhile is re-raised once
+    the work is done, so the caller never returns before its cleanup finished.
+    """
+    loop = _asyncio_loop()
+    if loop is None:
+        with anyio.CancelScope(shield=True):
+            result = await function(*args)
+        return result
+    task = _start(loop, function(*args))
+    if task.done():  # finished without waiting (Python >= 3.12 starts it eagerly): no shield needed
+        return task.result()
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError as exc:
+        if task.done() and task.cancelled():
+            raise
+        cancelled = exc
+    with anyio.CancelScope(shield=True):  # no re-delivery by anyio while we wait
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError as exc:
+                if task.done() and task.cancelled():
+                    raise
+                cancelled = exc
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("cleanup failed while the request was cancelled", exc_info=task.exception())
+    raise cancelled
+
+
+async def poll_receive(receive: Receive) -> Message | None:
+    """The next ASGI message if the server has one ready, ``None`` if ``receive`` would wait.
+
+    Runs in a task of its own (see :func:`run_to_completion`): the interruption is a plain
+    ``task.cancel()`` scheduled for the next loop iteration, far cheaper than a cancelled anyio
+    scope. A server that knows the client is gone answers ``http.disconnect`` at once.
+    """
+    loop = _asyncio_loop()
+    if loop is None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            return await receive()
+        return None
+    task = asyncio.current_task()
+    assert task is not None
+    fired = False
+
+    def interrupt() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    handle = loop.call_soon(interrupt)
+    try:
+        return await receive()
+    except asyncio.CancelledError:
+        if not fired:
+            raise
+        if sys.version_info >= (3, 11):
+            task.uncancel()
+        return None
+    finally:
+        handle.cancel()
