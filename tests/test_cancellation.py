@@ -344,7 +344,7 @@ def test_cleanup_survives_cancellation_during_the_cleanup(
         entered.set()
         await asyncio.sleep(DEADLINE)
 
-    end_transaction = maker._end_transaction
+    end_transaction = maker.lifecycle.end
 
     async def slow_end_transaction(session: AsyncSession, commit: bool) -> None:
         in_cleanup.set()
@@ -353,7 +353,7 @@ def test_cleanup_survives_cancellation_during_the_cleanup(
         await end_transaction(session, commit)
         rolled_back.append(not commit)
 
-    monkeypatch.setattr(maker, "_end_transaction", slow_end_transaction)
+    monkeypatch.setattr(maker.lifecycle, "end", slow_end_transaction)
 
     async def scenario() -> None:
         sent: list[Message] = []
@@ -412,7 +412,7 @@ def test_commit_is_not_interrupted_by_task_cancel(
         session.add(User(email="committed@x"))
         return {"ok": "yes"}
 
-    end_transaction = maker._end_transaction
+    end_transaction = maker.lifecycle.end
 
     async def slow_end_transaction(session: AsyncSession, commit: bool) -> None:
         if commit:
@@ -420,7 +420,7 @@ def test_commit_is_not_interrupted_by_task_cancel(
             await asyncio.wait_for(gate.wait(), DEADLINE)
         await end_transaction(session, commit)
 
-    monkeypatch.setattr(maker, "_end_transaction", slow_end_transaction)
+    monkeypatch.setattr(maker.lifecycle, "end", slow_end_transaction)
 
     async def scenario() -> list[Message]:
         sent: list[Message] = []

@@ -323,7 +323,7 @@ def test_sessions_do_not_autoflush_by_default_like_fastapi_utils(
                 db.add(User(email=f"{len(pending_seen)}@x"))
                 pending_seen.append(db.scalar(sa.select(sa.func.count()).select_from(User)) or 0)
                 db.rollback()
-        request_session = maker._new_request_session(maker.policy)
+        request_session = maker.lifecycle.open(maker.policy)
         assert request_session.autoflush is autoflush
         request_session.close()
         maker.dispose()
@@ -339,7 +339,7 @@ def test_sessions_do_not_autoflush_by_default_like_fastapi_utils(
                 db.add(User(email=f"{len(pending_seen)}@x"))
                 pending_seen.append(await db.scalar(sa.select(sa.func.count()).select_from(User)) or 0)
                 await db.rollback()
-        request_session = maker._new_request_session(maker.policy)
+        request_session = maker.lifecycle.open(maker.policy)
         assert request_session.sync_session.autoflush is autoflush
         await request_session.close()
         await maker.dispose()

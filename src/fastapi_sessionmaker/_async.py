@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import Session
-from sqlalchemy.pool import StaticPool
 
 from fastapi_sessionmaker._base import (
-    Limiter,
     MakerBase,
     enforce_sqlite_foreign_keys,
     install_liveness_check,
@@ -29,89 +23,15 @@ from fastapi_sessionmaker._base import (
 )
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
-from fastapi_sessionmaker._sessions import compose
-from fastapi_sessionmaker._shield import run_to_completion
+from fastapi_sessionmaker._sessions import compose_async
 from fastapi_sessionmaker._sync import unavailable
-from fastapi_sessionmaker.exceptions import ConcurrentSessionUseError, ConfigurationError
+from fastapi_sessionmaker._unit import AsyncLifecycle
+from fastapi_sessionmaker.exceptions import ConfigurationError
 
 __all__ = ["AsyncFastAPISessionMaker"]
 
 
-class SerialAsyncSession(AsyncSession):
-    """An ``AsyncSession`` that refuses a second task while an operation of the first is running.
-
-    Two overlapping operations on one session fail in driver-specific ways (asyncpg's "another
-    operation is in progress", aiomysql's packet errors, silently interleaved transactions on
-    aiosqlite); this raises :class:`ConcurrentSessionUseError` instead, naming the helper to use.
-    The check is one attribute test per awaited call. The async maker's sessions are of this class.
-    """
-
-    _fsm_running: str | None = None
-    _fsm_idle: asyncio.Future[None] | None = None
-
-    async def _wait_idle(self) -> None:
-        """Wait until the operation another task is running on this session has ended."""
-        while self._fsm_running is not None:
-            if self._fsm_idle is None:
-                self._fsm_idle = asyncio.get_running_loop().create_future()
-            await self._fsm_idle
-
-
-# The awaitable AsyncSession methods that do the work; ``scalars``, ``stream_scalars`` and
-# ``aclose`` call these, so they are checked too (and may nest without a false alarm).
-_SERIAL_METHODS = (
-    "close",
-    "commit",
-    "connection",
-    "delete",
-    "delete_all",
-    "execute",
-    "flush",
-    "get",
-    "get_one",
-    "invalidate",
-    "merge",
-    "merge_all",
-    "refresh",
-    "reset",
-    "rollback",
-    "run_sync",
-    "scalar",
-    "stream",
-)
-
-
-def _serial(name: str, method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
-    @functools.wraps(method)
-    async def serial(self: SerialAsyncSession, *args: Any, **kwargs: Any) -> Any:
-        running = self._fsm_running
-        if running is not None:
-            raise ConcurrentSessionUseError(
-                f"AsyncSession.{name}() was called while {running}() is still running in another "
-                "task: one session runs one operation at a time. Give each concurrent task its "
-                "own session with `async with maker.task_session() as session:` (it commits when "
-                "the task succeeds, rolls back on error)."
-            )
-        self._fsm_running = name
-        try:
-            return await method(self, *args, **kwargs)
-        finally:
-            self._fsm_running = None
-            idle = self._fsm_idle
-            if idle is not None:
-                self._fsm_idle = None
-                if not idle.done():
-                    idle.set_result(None)
-
-    return serial
-
-
-for _name in _SERIAL_METHODS:
-    if hasattr(AsyncSession, _name):  # ``delete_all`` and ``merge_all`` are new in SQLAlchemy 2.1
-        setattr(SerialAsyncSession, _name, _serial(_name, getattr(AsyncSession, _name)))
-
-
-class AsyncFastAPISessionMaker(MakerBase):
+class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSession]]):
     """The async twin of :class:`FastAPISessionMaker`: the same names, ``AsyncSession`` inside.
 
     ``postgresql://`` uses asyncpg (psycopg 3 if asyncpg is missing), ``mysql://`` aiomysql,
@@ -130,28 +50,9 @@ class AsyncFastAPISessionMaker(MakerBase):
     is_async = True
 
     def __init__(self, database_uri: str | sa.URL | None = None, **kwargs: Any) -> None:
+        self.lifecycle: AsyncLifecycle = AsyncLifecycle(self)
         super().__init__(database_uri, **kwargs)
-        self.session_options.setdefault("class_", SerialAsyncSession)
-        self._engine: AsyncEngine | None = None
-        self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
-
-    @property
-    def cached_engine(self) -> AsyncEngine:
-        """The async engine, created on first access and reused."""
-        if self._joined_engine is not None:
-            return self._joined_engine  # type: ignore[no-any-return]
-        if self._engine is None:
-            self._engine = self.get_new_engine()
-        return self._engine
-
-    @property
-    def cached_sessionmaker(self) -> async_sessionmaker[AsyncSession]:
-        """The ``async_sessionmaker`` bound to :attr:`cached_engine`."""
-        if self._joined is not None:
-            return self._joined  # type: ignore[no-any-return]
-        if self._sessionmaker is None:
-            self._sessionmaker = self.get_new_sessionmaker(self.cached_engine)
-        return self._sessionmaker
+        self.session_options["class_"] = compose_async(self.session_options.get("class_", AsyncSession))
 
     def get_new_engine(self) -> AsyncEngine:
         """A new async engine with this maker's options (dead pooled connections replaced on checkout)."""
@@ -177,6 +78,9 @@ class AsyncFastAPISessionMaker(MakerBase):
         """A new ``async_sessionmaker`` bound to ``engine`` (the cached engine when ``None``)."""
         return async_sessionmaker(bind=engine or self.cached_engine, **self.session_options)
 
+    def _sessionmaker_class(self) -> type[async_sessionmaker[AsyncSession]]:
+        return async_sessionmaker
+
     async def get_db(self) -> AsyncIterator[AsyncSession]:
         """Generator dependency in the fastapi-utils style: commit after the endpoint.
 
@@ -188,7 +92,7 @@ class AsyncFastAPISessionMaker(MakerBase):
         if state is not None:  # the guard commits (or rolls back) the request's one session
             yield state.share(self)
             return
-        async with self._unit_of_work(self.cached_sessionmaker(), commit=True) as session:
+        async with self.lifecycle.unit(self.cached_sessionmaker(), commit=True) as session:
             yield session
 
     @contextlib.asynccontextmanager
@@ -207,7 +111,7 @@ class AsyncFastAPISessionMaker(MakerBase):
             1
         """
         commit = self.policy.should_commit(status=None, raised=False)
-        async with self._unit_of_work(self.cached_sessionmaker(), commit=commit) as session:
+        async with self.lifecycle.unit(self.cached_sessionmaker(), commit=commit) as session:
             yield session
 
     @contextlib.asynccontextmanager
@@ -241,26 +145,8 @@ class AsyncFastAPISessionMaker(MakerBase):
         """
         chosen = self._task_policy() if policy is None else CommitPolicy(policy)
         commit = chosen.should_commit(status=None, raised=False)
-        async with self._unit_of_work(self._new_request_session(chosen), commit=commit) as session:
+        async with self.lifecycle.unit(self.lifecycle.open(chosen), commit=commit) as session:
             yield session
-
-    @contextlib.asynccontextmanager
-    async def _unit_of_work(self, session: AsyncSession, *, commit: bool) -> AsyncIterator[AsyncSession]:
-        """Yield ``session``; then commit (or roll back when ``commit`` is False), roll back on
-        error, and always close, each run to completion even if the task is cancelled. The one
-        async rule for sessions outside the request guard (the twin of ``_sync.unit_of_work``)."""
-        try:
-            yield session
-        except BaseException:
-            await run_to_completion(self._end_unit, session, False)
-            raise
-        await run_to_completion(self._end_unit, session, commit)
-
-    async def _end_unit(self, session: AsyncSession, commit: bool) -> None:
-        try:
-            await self._end_transaction(session, commit)
-        finally:
-            await self._close_session(session)
 
     async def reset_cache(self) -> None:
         """Forget the cached engine and sessionmaker, disposing the old engine's pool."""
@@ -268,8 +154,7 @@ class AsyncFastAPISessionMaker(MakerBase):
 
     async def dispose(self) -> None:
         """Close the pool's connections and forget the engine; the next use makes a new one."""
-        engine, self._engine, self._sessionmaker = self._engine, None, None
-        self._reset_limiter()
+        engine = self._forget()
         if engine is not None:
             await engine.dispose()
 
@@ -292,60 +177,3 @@ class AsyncFastAPISessionMaker(MakerBase):
 
     async def _adispose(self) -> None:
         await self.dispose()
-
-    # -- testing ---------------------------------------------------------------------------
-    def _join(self, connection: AsyncConnection | None) -> None:
-        """Hand out sessions joined to ``connection`` (``None``: back to the maker's own engine).
-
-        Used by :mod:`fastapi_sessionmaker.testing`; see the sync twin.
-        """
-        if connection is None:
-            self._joined = self._joined_engine = self._joined_limiter = None
-            return
-        options = {**self.session_options, "join_transaction_mode": "create_savepoint"}
-        self._joined = async_sessionmaker(bind=connection, **options)
-        self._joined_engine = connection.engine
-        self._joined_limiter = Limiter(1, 30.0)  # one connection: one request session at a time
-
-    # -- request sessions ------------------------------------------------------------------
-    def _new_request_session(self, policy: CommitPolicy) -> AsyncSession:
-        factory = self.cached_sessionmaker
-        sync_class = compose(
-            factory.kw.get("sync_session_class") or Session, policy is CommitPolicy.READ_ONLY
-        )
-        return factory.class_(**{**factory.kw, "sync_session_class": sync_class, "close_resets_only": False})
-
-    def _request_limiter(self) -> Limiter | None:
-        if self._joined_limiter is not None:
-            return self._joined_limiter
-        # Async requests wait for the pool on the event loop already; only a single shared
-        # connection (SQLite in memory) must be handed to one session at a time.
-        if not self._limiter_ready:
-            pool = self.cached_engine.sync_engine.pool
-            self._limiter = Limiter(1, 30.0) if isinstance(pool, StaticPool) else None
-            self._limiter_ready = True
-        return self._limiter
-
-    async def _end_transaction(self, session: AsyncSession, commit: bool) -> None:
-        if isinstance(session, SerialAsyncSession) and session._fsm_running is not None:
-            await session._wait_idle()  # a task still running on the session: let it end first
-        if not session.in_transaction():
-            return
-        if not commit:
-            await session.rollback()
-            return
-        try:
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
-
-    async def _close_session(self, session: AsyncSession) -> None:
-        if isinstance(session, SerialAsyncSession) and session._fsm_running is not None:
-            await session._wait_idle()
-        if session.in_transaction():
-            await session.close()
-        else:
-            # No transaction, so no connection: closing does no I/O and needs no greenlet
-            # (one fewer greenlet switch per request, measured in benchmarks/).
-            session.sync_session.close()

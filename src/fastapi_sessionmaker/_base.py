@@ -8,7 +8,7 @@ import importlib.util
 import select
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote, quote_plus
 
 import sqlalchemy as sa
@@ -395,10 +395,17 @@ class Limiter:
         return semaphore
 
 
-class MakerBase:
-    """Configuration shared by :class:`FastAPISessionMaker` and its async twin."""
+EngineT = TypeVar("EngineT")
+FactoryT = TypeVar("FactoryT")
+
+
+class MakerBase(Generic[EngineT, FactoryT]):
+    """What :class:`FastAPISessionMaker` and its async twin share without I/O: configuration, the
+    cached engine and sessionmaker, the request dependencies, joining a test's connection."""
 
     is_async: bool = False
+    lifecycle: Any
+    """The lifecycle of this maker's transactions (:mod:`._unit`): what the request guard calls."""
 
     def __init__(
         self,
@@ -435,14 +442,13 @@ class MakerBase:
         # fastapi-utils' and the FastAPI tutorial's SessionLocal: no autoflush, no expiry on commit.
         self.session_options: dict[str, Any] = {"expire_on_commit": False, "autoflush": False}
         self.session_options.update(session_options or {})
-        self._limiter: Limiter | None = None
-        self._limiter_ready = False
+        self._engine: EngineT | None = None
+        self._sessionmaker: FactoryT | None = None
         self._dependencies: dict[CommitPolicy | None, Any] = {}
-        # Set by ``fastapi_sessionmaker.testing`` while a test runs: every session this maker hands
-        # out joins the test's connection (``join_transaction_mode="create_savepoint"``).
-        self._joined: Any = None
-        self._joined_engine: Any = None
-        self._joined_limiter: Limiter | None = None
+        # Set by :meth:`join` while a test runs: every session this maker hands out joins the
+        # test's connection (``join_transaction_mode="create_savepoint"``).
+        self._joined: FactoryT | None = None
+        self._joined_engine: EngineT | None = None
         self.dependency: Any = self.depends()
         """``Depends`` for the request session: ``Annotated[Session, db.dependency]``."""
 
@@ -493,9 +499,64 @@ class MakerBase:
     def _engine_kwargs(self) -> dict[str, Any]:
         return engine_kwargs(self.url, self.engine_options, is_async=self.is_async)
 
-    def _reset_limiter(self) -> None:
-        self._limiter = None
-        self._limiter_ready = False
+    # -- the cached engine and sessionmaker (fastapi-utils names) ---------------------------
+    @property
+    def cached_engine(self) -> EngineT:
+        """The engine, created on first access and reused (the test's while joined)."""
+        if self._joined_engine is not None:
+            return self._joined_engine
+        if self._engine is None:
+            self._engine = self.get_new_engine()
+        return self._engine
+
+    @property
+    def cached_sessionmaker(self) -> FactoryT:
+        """The sessionmaker bound to :attr:`cached_engine`, created on first access and reused."""
+        if self._joined is not None:
+            return self._joined
+        if self._sessionmaker is None:
+            self._sessionmaker = self.get_new_sessionmaker(self.cached_engine)
+        return self._sessionmaker
+
+    def get_new_engine(self) -> EngineT:
+        """A new engine with this maker's options."""
+        raise NotImplementedError
+
+    def get_new_sessionmaker(self, engine: EngineT | None) -> FactoryT:
+        """A new sessionmaker bound to ``engine`` (the cached engine when ``None``)."""
+        raise NotImplementedError
+
+    def _forget(self) -> EngineT | None:
+        """Forget the cached engine and sessionmaker (the caller disposes the engine returned)."""
+        engine, self._engine, self._sessionmaker = self._engine, None, None
+        self.lifecycle.slot.reset()
+        return engine
+
+    # -- testing ---------------------------------------------------------------------------
+    def join(self, connection: Any = None, *, engine: Any = None) -> None:
+        """Hand out sessions joined to ``connection`` (a test's transaction) until :meth:`leave`.
+
+        The app's commits then release SAVEPOINTs inside the test's outer transaction, which the
+        test rolls back; one session at a time uses the connection. With only ``engine``, the
+        maker uses that engine (the testing plugin's start-up check). Used by
+        :mod:`fastapi_sessionmaker.testing`; call it for a maker the plugin does not install.
+        """
+        if connection is None:
+            self._joined, self._joined_engine = None, engine
+            self.lifecycle.slot.join(False)
+            return
+        options = {**self.session_options, "join_transaction_mode": "create_savepoint"}
+        self._joined = self._sessionmaker_class()(bind=connection, **options)
+        self._joined_engine = connection.engine
+        self.lifecycle.slot.join(True)
+
+    def leave(self) -> None:
+        """Stop handing out sessions joined to a test's connection (see :meth:`join`)."""
+        self._joined = self._joined_engine = None
+        self.lifecycle.slot.join(False)
+
+    def _sessionmaker_class(self) -> Any:
+        raise NotImplementedError
 
     def depends(self, *, policy: CommitPolicy | str | None = None) -> Any:
         """A ``Depends`` for this maker's request session, optionally with its own policy.
@@ -555,16 +616,3 @@ class MakerBase:
                 if entry.maker is self and entry.shared:
                     return entry.policy
         return self.policy
-
-    # The guard's view of a maker (see ``_request.RequestMaker``); each twin implements these.
-    def _new_request_session(self, policy: CommitPolicy) -> Any:
-        raise NotImplementedError
-
-    def _request_limiter(self) -> Limiter | None:
-        raise NotImplementedError
-
-    async def _end_transaction(self, session: Any, commit: bool) -> None:
-        raise NotImplementedError
-
-    async def _close_session(self, session: Any) -> None:
-        raise NotImplementedError

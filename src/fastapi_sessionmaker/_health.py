@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 import sqlalchemy as sa
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from fastapi_sessionmaker._async import AsyncFastAPISessionMaker
     from fastapi_sessionmaker._sync import FastAPISessionMaker
 
-    AnyMaker = FastAPISessionMaker | AsyncFastAPISessionMaker
+    AnyMaker: TypeAlias = FastAPISessionMaker | AsyncFastAPISessionMaker
 
 __all__ = ["health_router", "pool_stats"]
 

@@ -22,14 +22,18 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar, Token
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import HTTPConnection
 
+from fastapi_sessionmaker import _compat
 from fastapi_sessionmaker._errors import Problem, default_error_mapper
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._sessions import discarded_changes, mark_response_started
 from fastapi_sessionmaker.exceptions import NotInstalledError
+
+if TYPE_CHECKING:
+    from fastapi_sessionmaker._unit import Lifecycle
 
 logger = logging.getLogger("fastapi_sessionmaker")
 
@@ -51,19 +55,14 @@ ErrorMapper = Callable[[BaseException], "Problem | None"]
 
 
 class RequestMaker(Protocol):
-    """What the guard needs from a maker (sync or async)."""
+    """What the guard needs from a maker (sync or async): its name, policy and lifecycle."""
 
     name: str
     policy: CommitPolicy
     is_async: bool
 
-    def _new_request_session(self, policy: CommitPolicy) -> Any: ...
-
-    def _request_limiter(self) -> Any: ...
-
-    async def _end_transaction(self, session: Any, commit: bool) -> None: ...
-
-    async def _close_session(self, session: Any) -> None: ...
+    @property
+    def lifecycle(self) -> Lifecycle: ...
 
 
 class _Entry:
@@ -131,11 +130,12 @@ class RequestState:
         for entry in self.entries:
             if entry.maker is maker and entry.shared:
                 return entry.session
-        limiter = maker._request_limiter()
+        lifecycle = maker.lifecycle
+        limiter = lifecycle.limiter()
         semaphore = await limiter.acquire() if limiter is not None else None
         try:
             chosen = maker.policy if policy is None else policy
-            session = maker._new_request_session(chosen)
+            session = lifecycle.open(chosen)
         except BaseException:
             if semaphore is not None:
                 semaphore.release()
@@ -158,7 +158,7 @@ class RequestState:
         for entry in self.entries:
             if entry.maker is maker and entry.shared:
                 return entry.session
-        session = maker._new_request_session(maker.policy)
+        session = maker.lifecycle.open(maker.policy)
         self.entries.append(_Entry(maker, session, maker.policy, None, shared=True))
         return session
 
@@ -182,7 +182,7 @@ class RequestState:
             if self.client_gone:
                 commit = False
             try:
-                await entry.maker._end_transaction(entry.session, commit)
+                await entry.maker.lifecycle.end(entry.session, commit)
             except Exception as exc:
                 if failure is None:
                     failure = (exc, entry.maker)
@@ -215,8 +215,8 @@ class RequestState:
             try:
                 if not entry.finished:
                     entry.finished = True
-                    await entry.maker._end_transaction(entry.session, False)
-                await entry.maker._close_session(entry.session)
+                    await entry.maker.lifecycle.end(entry.session, False)
+                await entry.maker.lifecycle.close(entry.session)
             except Exception:
                 logger.exception("closing a session of database %r failed", entry.maker.name)
             finally:
@@ -281,7 +281,7 @@ def dependency_for(
                 "(async: `async with maker.context_session() as session:`)"
             )
         state = require_state()
-        stack = request.scope.get("fastapi_function_astack")
+        stack = _compat.fastapi_function_stack(request.scope)
         if stack is None:
             raise NotInstalledError(
                 "fastapi_sessionmaker: this FastAPI version has no per-endpoint exit stack "

@@ -21,6 +21,7 @@ both twins share these rules:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
@@ -28,13 +29,30 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from fastapi_sessionmaker.exceptions import ReadOnlySessionError, ResponseStartedError
+from fastapi_sessionmaker import _compat
+from fastapi_sessionmaker.exceptions import (
+    ConcurrentSessionUseError,
+    ReadOnlySessionError,
+    ResponseStartedError,
+)
 
 logger = logging.getLogger("fastapi_sessionmaker")
 
-__all__ = ["ReadOnlyMixin", "ReadOnlySession", "RequestSessionMixin", "compose", "mark_response_started"]
+__all__ = [
+    "ReadOnlyMixin",
+    "ReadOnlySession",
+    "RequestSessionMixin",
+    "SerialAsyncSession",
+    "compose",
+    "compose_async",
+    "discarded_changes",
+    "mark_response_started",
+    "try_lock",
+    "unlock",
+]
 
 _S = TypeVar("_S", bound=Session)
 
@@ -191,13 +209,13 @@ class RequestSessionMixin(Session):
     def flush(self, objects: Any = None) -> None:
         """``Session.flush``, serialised; after the response started, changes raise."""
         with self._fsm_lock:
-            if self._fsm_started and not self._is_clean():
+            if self._fsm_started and not _compat.session_is_clean(self):
                 raise _refuse("the session's pending changes (a flush)")
             super().flush(objects)
 
     def _fsm_discarded(self) -> bool:
         """Whether ending now would drop ORM changes made after the response started."""
-        return self._fsm_started and not self._is_clean()
+        return self._fsm_started and not _compat.session_is_clean(self)
 
 
 for _name in _WRITES:
@@ -223,6 +241,93 @@ def compose(base: type[_S], read_only: bool) -> type[_S]:
         composed = type(f"Request{base.__name__}", (*bases, base), {"__module__": base.__module__})
         _COMPOSED[key] = composed
     return composed  # type: ignore[return-value]
+
+
+class SerialAsyncSession(AsyncSession):
+    """An ``AsyncSession`` that refuses a second task while an operation of the first is running.
+
+    Two overlapping operations on one session fail in driver-specific ways (asyncpg's "another
+    operation is in progress", aiomysql's packet errors, silently interleaved transactions on
+    aiosqlite); this raises :class:`ConcurrentSessionUseError` instead, naming the helper to use.
+    The check is one attribute test per awaited call. The async maker composes it with the
+    configured ``class_`` (see :func:`compose_async`).
+    """
+
+    _fsm_running: str | None = None
+    _fsm_idle: asyncio.Future[None] | None = None
+
+    async def wait_idle(self) -> None:
+        """Wait until the operation another task is running on this session has ended."""
+        while self._fsm_running is not None:
+            if self._fsm_idle is None:
+                self._fsm_idle = asyncio.get_running_loop().create_future()
+            await self._fsm_idle
+
+
+# The awaitable AsyncSession methods that do the work; ``scalars``, ``stream_scalars`` and
+# ``aclose`` call these, so they are checked too (and may nest without a false alarm).
+_SERIAL_METHODS = (
+    "close",
+    "commit",
+    "connection",
+    "delete",
+    "delete_all",
+    "execute",
+    "flush",
+    "get",
+    "get_one",
+    "invalidate",
+    "merge",
+    "merge_all",
+    "refresh",
+    "reset",
+    "rollback",
+    "run_sync",
+    "scalar",
+    "stream",
+)
+
+
+def _serial(name: str) -> Callable[..., Any]:
+    async def serial(self: SerialAsyncSession, *args: Any, **kwargs: Any) -> Any:
+        running = self._fsm_running
+        if running is not None:
+            raise ConcurrentSessionUseError(
+                f"AsyncSession.{name}() was called while {running}() is still running in another "
+                "task: one session runs one operation at a time. Give each concurrent task its "
+                "own session with `async with maker.task_session() as session:` (it commits when "
+                "the task succeeds, rolls back on error)."
+            )
+        self._fsm_running = name
+        try:
+            return await getattr(super(SerialAsyncSession, self), name)(*args, **kwargs)
+        finally:
+            self._fsm_running = None
+            idle = self._fsm_idle
+            if idle is not None:
+                self._fsm_idle = None
+                if not idle.done():
+                    idle.set_result(None)
+
+    return functools.wraps(getattr(AsyncSession, name))(serial)
+
+
+for _name in _SERIAL_METHODS:
+    if hasattr(AsyncSession, _name):  # ``delete_all`` and ``merge_all`` are new in SQLAlchemy 2.1
+        setattr(SerialAsyncSession, _name, _serial(_name))
+
+_COMPOSED_ASYNC: dict[type[AsyncSession], type[AsyncSession]] = {}
+
+
+def compose_async(base: type[AsyncSession]) -> type[AsyncSession]:
+    """The configured ``AsyncSession`` class with :class:`SerialAsyncSession`'s check in front."""
+    if issubclass(base, SerialAsyncSession):
+        return base
+    composed = _COMPOSED_ASYNC.get(base)
+    if composed is None:
+        composed = type(f"Serial{base.__name__}", (SerialAsyncSession, base), {"__module__": base.__module__})
+        _COMPOSED_ASYNC[base] = composed
+    return composed
 
 
 def mark_response_started(session: Any) -> None:

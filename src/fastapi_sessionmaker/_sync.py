@@ -11,18 +11,17 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from fastapi_sessionmaker._base import (
-    Limiter,
     MakerBase,
     enforce_sqlite_foreign_keys,
     install_liveness_check,
     missing_driver,
-    pool_capacity,
     scrub,
     unknown_driver,
 )
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
-from fastapi_sessionmaker._sessions import ReadOnlySession, compose, try_lock, unlock
+from fastapi_sessionmaker._sessions import ReadOnlySession
+from fastapi_sessionmaker._unit import SyncLifecycle, sync_unit
 from fastapi_sessionmaker.exceptions import DatabaseUnavailableError
 
 __all__ = ["FastAPISessionMaker", "ReadOnlySession"]
@@ -46,7 +45,7 @@ def create_checked_engine(
     return engine
 
 
-def unavailable(maker: MakerBase, exc: BaseException) -> DatabaseUnavailableError:
+def unavailable(maker: MakerBase[Any, Any], exc: BaseException) -> DatabaseUnavailableError:
     """A one-line start-up error: the URL without secrets, the error class, its first line."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = scrub(text, maker.url)
@@ -57,7 +56,7 @@ def unavailable(maker: MakerBase, exc: BaseException) -> DatabaseUnavailableErro
     )
 
 
-class FastAPISessionMaker(MakerBase):
+class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
     """Sessions for FastAPI and for code outside requests, from one database URL.
 
     The engine (dead pooled connections replaced on checkout) and sessionmaker are created on
@@ -91,29 +90,10 @@ class FastAPISessionMaker(MakerBase):
     is_async = False
 
     def __init__(self, database_uri: str | sa.URL | None = None, **kwargs: Any) -> None:
+        self.lifecycle: SyncLifecycle = SyncLifecycle(self)
         super().__init__(database_uri, **kwargs)
-        self._engine: sa.Engine | None = None
-        self._sessionmaker: sessionmaker[Session] | None = None
 
     # -- fastapi-utils names ---------------------------------------------------------------
-    @property
-    def cached_engine(self) -> sa.Engine:
-        """The engine, created on first access and reused."""
-        if self._joined_engine is not None:
-            return self._joined_engine  # type: ignore[no-any-return]
-        if self._engine is None:
-            self._engine = self.get_new_engine()
-        return self._engine
-
-    @property
-    def cached_sessionmaker(self) -> sessionmaker[Session]:
-        """The sessionmaker bound to :attr:`cached_engine`."""
-        if self._joined is not None:
-            return self._joined  # type: ignore[no-any-return]
-        if self._sessionmaker is None:
-            self._sessionmaker = self.get_new_sessionmaker(self.cached_engine)
-        return self._sessionmaker
-
     def get_new_engine(self) -> sa.Engine:
         """A new engine with this maker's options (dead pooled connections replaced on checkout)."""
         return create_checked_engine(
@@ -123,6 +103,9 @@ class FastAPISessionMaker(MakerBase):
     def get_new_sessionmaker(self, engine: sa.Engine | None) -> sessionmaker[Session]:
         """A new sessionmaker bound to ``engine`` (the cached engine when ``None``)."""
         return sessionmaker(bind=engine or self.cached_engine, **self.session_options)
+
+    def _sessionmaker_class(self) -> type[sessionmaker[Session]]:
+        return sessionmaker
 
     def get_db(self) -> Iterator[Session]:
         """The fastapi-utils generator dependency: commit after the endpoint, rollback on error.
@@ -135,7 +118,7 @@ class FastAPISessionMaker(MakerBase):
         if state is not None:  # the guard commits (or rolls back) the request's one session
             yield state.share(self)
             return
-        with unit_of_work(self.cached_sessionmaker(), commit=True) as session:
+        with sync_unit(self.cached_sessionmaker(), commit=True) as session:
             yield session
 
     @contextlib.contextmanager
@@ -148,9 +131,8 @@ class FastAPISessionMaker(MakerBase):
             ...     session.execute(sa.text("SELECT 1")).scalar()
             1
         """
-        with unit_of_work(
-            self.cached_sessionmaker(), commit=self.policy.should_commit(status=None, raised=False)
-        ) as session:
+        commit = self.policy.should_commit(status=None, raised=False)
+        with sync_unit(self.cached_sessionmaker(), commit=commit) as session:
             yield session
 
     @contextlib.contextmanager
@@ -175,8 +157,8 @@ class FastAPISessionMaker(MakerBase):
             >>> db.dispose()
         """
         chosen = self._task_policy() if policy is None else CommitPolicy(policy)
-        session = self._new_request_session(chosen)
-        with unit_of_work(session, commit=chosen.should_commit(status=None, raised=False)):
+        session = self.lifecycle.open(chosen)
+        with sync_unit(session, commit=chosen.should_commit(status=None, raised=False)):
             yield session
 
     def reset_cache(self) -> None:
@@ -186,8 +168,7 @@ class FastAPISessionMaker(MakerBase):
     # -- lifecycle -------------------------------------------------------------------------
     def dispose(self) -> None:
         """Close the pool's connections and forget the engine; the next use makes a new one."""
-        engine, self._engine, self._sessionmaker = self._engine, None, None
-        self._reset_limiter()
+        engine = self._forget()
         if engine is not None:
             engine.dispose()
 
@@ -210,127 +191,3 @@ class FastAPISessionMaker(MakerBase):
 
     async def _adispose(self) -> None:
         await anyio.to_thread.run_sync(self.dispose)
-
-    # -- testing ---------------------------------------------------------------------------
-    def _join(self, connection: sa.Connection | None) -> None:
-        """Hand out sessions joined to ``connection`` (``None``: back to the maker's own engine).
-
-        Used by :mod:`fastapi_sessionmaker.testing`: the app's commits release savepoints inside
-        the test's outer transaction, which the test rolls back.
-        """
-        if connection is None:
-            self._joined = self._joined_engine = self._joined_limiter = None
-            return
-        options = {**self.session_options, "join_transaction_mode": "create_savepoint"}
-        self._joined = sessionmaker(bind=connection, **options)
-        self._joined_engine = connection.engine
-        self._joined_limiter = Limiter(1, 30.0)  # one connection: one request session at a time
-
-    # -- request sessions ------------------------------------------------------------------
-    def _new_request_session(self, policy: CommitPolicy) -> Session:
-        factory = self.cached_sessionmaker
-        cls = compose(factory.class_, policy is CommitPolicy.READ_ONLY)
-        return cls(**{**factory.kw, "close_resets_only": False})
-
-    def _request_limiter(self) -> Limiter | None:
-        if self._joined_limiter is not None:
-            return self._joined_limiter
-        if not self._limiter_ready:
-            engine = self.cached_engine
-            capacity = pool_capacity(engine)
-            timeout = float(getattr(engine.pool, "_timeout", 30.0))
-            self._limiter = Limiter(capacity, timeout) if capacity else None
-            self._limiter_ready = True
-        return self._limiter
-
-    async def _end_transaction(self, session: Session, commit: bool) -> None:
-        if not session.in_transaction():
-            return
-        if try_lock(session):  # no thread is running a statement on it
-            try:
-                if _ends_without_io(session):
-                    _end_transaction(session, commit)  # nothing to wait for: no thread hop
-                    return
-            finally:
-                unlock(session)
-        # In a worker thread: it waits (under the session's lock) for a statement another thread
-        # is still running, e.g. a sync endpoint whose request was cancelled.
-        await anyio.to_thread.run_sync(_end_transaction, session, commit)
-
-    async def _close_session(self, session: Session) -> None:
-        if try_lock(session):
-            try:
-                if not session.in_transaction() or _ends_without_io(session):
-                    session.close()
-                    return
-            finally:
-                unlock(session)
-        await anyio.to_thread.run_sync(session.close)
-
-
-_SESSION_HOOKS = (
-    "before_commit",
-    "after_commit",
-    "after_transaction_end",
-    "after_rollback",
-    "after_soft_rollback",
-)
-
-
-def _ends_without_io(session: Session) -> bool:
-    """Whether ending ``session``'s transaction can neither block nor run user code.
-
-    True when every DBAPI connection the session holds reports that no database transaction is
-    open (pysqlite begins one only at the first write, so a SQLite read ends with a commit that
-    does nothing), nothing is waiting to be flushed (a flush is a write, and a SQLite write can
-    wait seconds for another request's lock) and no listener would run: then the commit is done
-    on the event loop instead of in a worker thread. Any doubt (another driver, pending changes, a
-    session or engine event) means a hop.
-    """
-    if not session._is_clean():
-        return False
-    transaction = session.get_transaction()
-    connections = [entry[0] for entry in getattr(transaction, "_connections", {}).values()]
-    # The driver first: for every database but SQLite this answers at once, on the hot path.
-    if not connections or any(
-        getattr(c.connection.dbapi_connection, "in_transaction", None) is not False for c in connections
-    ):
-        return False
-    dispatch = session.dispatch
-    if any(getattr(dispatch, name) for name in _SESSION_HOOKS):
-        return False
-    return not any(
-        c.dispatch.commit
-        or c.dispatch.rollback
-        or c.engine.pool.dispatch.checkin
-        or c.engine.pool.dispatch.reset
-        for c in connections
-    )
-
-
-def _end_transaction(session: Session, commit: bool) -> None:
-    if not commit:
-        session.rollback()
-        return
-    try:
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-
-
-@contextlib.contextmanager
-def unit_of_work(session: Session, *, commit: bool) -> Iterator[Session]:
-    """Yield ``session``; then commit (or roll back when ``commit`` is False), roll back on error,
-    and always close. The one sync rule for sessions outside the request guard."""
-    try:
-        yield session
-        if commit:
-            session.commit()
-        else:
-            session.rollback()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from fastapi_sessionmaker._base import engine_kwargs, resolve_url
-from fastapi_sessionmaker._sync import FastAPISessionMaker, create_checked_engine, unit_of_work
+from fastapi_sessionmaker._sync import FastAPISessionMaker, create_checked_engine
+from fastapi_sessionmaker._unit import sync_unit
 
 __all__ = ["FastAPISessionMaker", "context_session", "get_engine", "get_sessionmaker_for_engine"]
 
@@ -59,5 +60,5 @@ def context_session(engine: sa.Engine) -> Iterator[Session]:
         ...     session.execute(sa.text("SELECT x FROM t")).scalar()
         1
     """
-    with unit_of_work(get_sessionmaker_for_engine(engine)(), commit=True) as session:
+    with sync_unit(get_sessionmaker_for_engine(engine)(), commit=True) as session:
         yield session

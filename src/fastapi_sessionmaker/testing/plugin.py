@@ -150,7 +150,7 @@ def join_connection(makers: list[Any], connection: Any) -> Iterator[None]:
         True
     """
     for maker in makers:
-        maker._join(connection)
+        maker.join(connection)
     try:
         yield
     finally:
@@ -159,7 +159,7 @@ def join_connection(makers: list[Any], connection: Any) -> Iterator[None]:
 
 def _leave(makers: list[Any]) -> None:
     for maker in makers:
-        maker._join(None)
+        maker.leave()
 
 
 # -- configuration fixtures (override them in your conftest.py) -------------------------------
@@ -274,7 +274,7 @@ def fsm_client(
         stack.enter_context(join_connection(sync_makers, fsm_connection))
         stack.callback(_leave, async_makers)
         for maker in async_makers:  # the app's start-up check connects to the test database
-            maker._joined_engine = async_engine
+            maker.join(engine=async_engine)
         client = stack.enter_context(TestClient(fsm_app))
         if async_makers:
             # The async connection lives on the client's event loop, like the app's requests.
@@ -283,7 +283,7 @@ def fsm_client(
             connection = client.portal.call(_begin, async_engine)
             stack.callback(client.portal.call, _rollback, connection)
             for maker in async_makers:
-                maker._join(connection)
+                maker.join(connection)
         yield client
 
 

@@ -1,0 +1,111 @@
+"""Every read of another package's internals, in one place; ``tests/test_compat_internals.py`` checks
+each against the installed versions, so an upstream change fails there with a message naming it.
+
+What is read, and why:
+
+- FastAPI's per-endpoint exit stack (``scope["fastapi_function_astack"]``): the request dependency
+  learns from it whether the endpoint raised, without being a generator (about 20 µs cheaper).
+- SQLAlchemy's ``Session._is_clean()``: whether a commit would flush (a write that may wait on a
+  lock), asked on every sync commit.
+- SQLAlchemy's ``SessionTransaction._connections``: the connections a session's transaction holds,
+  to ask their drivers whether a transaction is open on the server.
+- SQLAlchemy's ``QueuePool._timeout`` / ``_max_overflow`` and ``Pool._pre_ping``: the pool's size
+  limits and checks (no public accessor exists).
+- Driver connection attributes (asyncpg's and aiomysql's transports, PyMySQL's ``_sock``,
+  psycopg's ``fileno()``, SQLAlchemy's async adapters' ``_connection``): the socket of an idle
+  pooled connection, to see without a round trip that the server closed it.
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+__all__ = [
+    "dead_connection_probe",
+    "fastapi_function_stack",
+    "pool_max_overflow",
+    "pool_pre_ping",
+    "pool_timeout",
+    "session_is_clean",
+    "transaction_connections",
+]
+
+FUNCTION_STACK_KEY = "fastapi_function_astack"
+
+
+def fastapi_function_stack(scope: Any) -> AsyncExitStack | None:
+    """FastAPI's exit stack closed right after the endpoint (and its ``scope="function"`` deps)."""
+    stack = scope.get(FUNCTION_STACK_KEY)
+    return stack if isinstance(stack, AsyncExitStack) else None
+
+
+def session_is_clean(session: Session) -> bool:
+    """Whether ``session`` has nothing to flush (no new, deleted or modified objects)."""
+    return bool(session._is_clean())
+
+
+def transaction_connections(session: Session) -> list[sa.Connection]:
+    """The connections the session's current transaction holds (empty when none)."""
+    transaction = session.get_transaction()
+    if transaction is None:
+        return []
+    return [entry[0] for entry in transaction._connections.values()]
+
+
+def pool_timeout(pool: sa.Pool, default: float = 30.0) -> float:
+    """``pool_timeout`` of a queue pool (``default`` for pools without one)."""
+    return float(getattr(pool, "_timeout", default))
+
+
+def pool_max_overflow(pool: sa.Pool) -> int | None:
+    """``max_overflow`` of a queue pool (``None`` for pools without one)."""
+    overflow = getattr(pool, "_max_overflow", None)
+    return overflow if isinstance(overflow, int) else None
+
+
+def pool_pre_ping(pool: sa.Pool) -> bool:
+    """Whether the pool pings each connection on checkout (``pool_pre_ping=True``)."""
+    return bool(pool._pre_ping)
+
+
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+
+def _poller(fd: int) -> Callable[[], bool]:
+    poller = select.poll()  # not select.select(): it fails for descriptors above 1023
+    poller.register(fd, _READABLE)
+    return lambda: bool(poller.poll(0))
+
+
+def dead_connection_probe(dbapi_connection: Any) -> Callable[[], bool] | None:
+    """A cheap "was this idle connection closed by the server?" test, or None if unknown.
+
+    An idle database connection has nothing to say: a readable socket means the server closed it
+    (or is closing it). Built once per DBAPI connection.
+    """
+    inner = getattr(dbapi_connection, "_connection", None)  # SQLAlchemy's async adapters
+    for candidate in (dbapi_connection, inner):
+        if candidate is None:
+            continue
+        transport = getattr(candidate, "_transport", None)  # asyncpg
+        if transport is None:
+            transport = getattr(getattr(candidate, "_writer", None), "transport", None)  # aiomysql
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            readable = _poller(sock.fileno()) if sock is not None else (lambda: False)
+            return lambda: transport.is_closing() or readable()
+        sock = getattr(candidate, "_sock", None)  # PyMySQL
+        if sock is not None:
+            readable = _poller(sock.fileno())
+            return lambda: candidate._sock is None or readable()
+        fileno = getattr(candidate, "fileno", None)  # psycopg 3
+        if callable(fileno) and hasattr(candidate, "closed"):
+            readable = _poller(fileno())
+            return lambda: bool(candidate.closed) or readable()
+    return None
