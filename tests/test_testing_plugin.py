@@ -335,3 +335,159 @@ def test_benchmark_quick_mode_runs() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| SQLite (file) | rollback (plugin) |" in result.stdout
     assert "| SQLite (file) | recreate tables |" in result.stdout
+
+
+# -- an app whose maker reads DATABASE_URI (the README's `FastAPISessionMaker()`) ----------------
+
+ENV_MODELS = """
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class EnvNote(Base):
+    __tablename__ = "plugin_env_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(sa.String(50), unique=True)
+"""
+
+ENV_APP = """
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi_sessionmaker import DBSession, FastAPISessionMaker
+from user_env_models import Base, EnvNote
+
+db = FastAPISessionMaker()  # DATABASE_URI from the environment
+app = FastAPI()
+db.init_app(app)
+Base.metadata.create_all(db.cached_engine)  # the README's pattern: at import
+
+
+@app.post("/notes", status_code=201)
+def add(text: str, session: DBSession) -> int:
+    session.add(EnvNote(text=text))
+    session.flush()
+    return session.scalar(sa.select(sa.func.count(EnvNote.id))) or 0
+"""
+
+ENV_TESTS = """
+import pytest
+import sqlalchemy as sa
+from user_env_models import EnvNote
+
+
+@pytest.mark.parametrize("n", range(2))
+def test_the_app_works_in_the_test_database(fsm_client, fsm_session, fsm_database, n):
+    import user_env_app  # imported by the fsm_app fixture
+
+    assert user_env_app.db.url.database == fsm_database.url.database
+    assert fsm_client.post("/notes", params={"text": "env"}).status_code == 201
+    assert fsm_session.scalars(sa.select(EnvNote.text)).all() == ["env"]
+"""
+
+
+def env_project(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(user_env_models=ENV_MODELS, user_env_app=ENV_APP, test_env=ENV_TESTS)
+    pytester.makeini(
+        """
+        [pytest]
+        fsm_app = user_env_app:app
+        fsm_metadata = user_env_models:Base.metadata
+        filterwarnings = error
+        """
+    )
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for variable in ("DATABASE_URI", "DATABASE_SCHEME", "FSM_TEST_DATABASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("where", "workers"),
+    [("default", 0), ("sqlite", 0), ("postgresql", 0), ("postgresql", 2), ("mariadb", 0)],
+)
+def test_a_maker_from_the_environment_gets_the_test_database(
+    pytester: pytest.Pytester,
+    databases: Databases,
+    clean_environment: pytest.MonkeyPatch,
+    where: str,
+    workers: int,
+) -> None:
+    """``FastAPISessionMaker()`` with no DATABASE_URI set: the plugin provides the test database."""
+    env_project(pytester)
+    args = ["-p", "no:cacheprovider"]
+    if where == "postgresql":
+        args.append(f"--fsm-database-url={databases.url(where)}")
+    elif where != "default":
+        clean_environment.setenv("FSM_TEST_DATABASE_URL", databases.url(where))
+    if workers:
+        args += ["-n", str(workers)]
+    result = pytester.runpytest_subprocess(*args, timeout=120)
+    result.assert_outcomes(passed=2)
+    assert "DATABASE_URI is not set" not in result.stdout.str() + result.stderr.str()
+
+
+def _has_table(url: str, table: str) -> bool:
+    import sqlalchemy as sa
+
+    from fastapi_sessionmaker import FastAPISessionMaker
+
+    engine = FastAPISessionMaker(url).get_new_engine()
+    try:
+        return sa.inspect(engine).has_table(table)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_a_maker_from_the_environment_never_writes_into_the_configured_database(
+    pytester: pytest.Pytester, databases: Databases, clean_environment: pytest.MonkeyPatch, backend: str
+) -> None:
+    """DATABASE_URI names a real database: the app, built from it at import, works in test_<name>."""
+    if backend == "sqlite":
+        real = f"sqlite:///{pytester.path}/real.db"
+    else:
+        real = databases.url(backend)
+        assert not _has_table(real, "plugin_env_notes")
+    clean_environment.setenv("DATABASE_URI", real)
+    env_project(pytester)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=2)
+    if backend == "sqlite":
+        assert not (pytester.path / "real.db").exists(), "the configured SQLite database was written to"
+    else:
+        assert not _has_table(real, "plugin_env_notes"), "the app created its tables in the real database"
+
+
+def test_database_uri_is_set_before_the_conftest_is_imported(
+    pytester: pytest.Pytester, clean_environment: pytest.MonkeyPatch
+) -> None:
+    pytester.makeconftest(
+        """
+        from fastapi_sessionmaker import FastAPISessionMaker
+
+        db = FastAPISessionMaker()  # a root conftest.py that imports the app
+        """
+    )
+    pytester.makepyfile(
+        test_early="""
+        import os
+        import conftest
+
+
+        def test_the_conftest_maker_has_the_test_database(fsm_database):
+            assert conftest.db.url.database == fsm_database.url.database
+            assert os.environ["FSM_TEST_DATABASE_URL"] == "sqlite://"
+        """
+    )
+    pytester.makeini("[pytest]\nfsm_database_url = sqlite://\nfilterwarnings = error\n")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "DATABASE_URI" not in os.environ, "the plugin did not restore the environment"
+    assert "FSM_TEST_DATABASE_URL" not in os.environ

@@ -178,6 +178,19 @@ class TestDatabase:
             sqlite_savepoints(engine.sync_engine)
         return engine
 
+    def url_like(self, configured: str | URL) -> str:
+        """The test database's URL with the driver of ``configured`` (or none, like it), password included.
+
+        This is what the plugin puts in ``DATABASE_URI``: a URL without a driver serves sync and
+        async makers alike, as the configured one did.
+
+        Example:
+            >>> TestDatabase("postgresql://app@db.internal/shop").url_like("postgresql://")
+            'postgresql://app@db.internal/test_shop...'
+        """
+        url = self.url.set(drivername=sa.make_url(configured).drivername)
+        return url.render_as_string(hide_password=False)
+
     def safe_url(self) -> str:
         """The test database's URL with the password masked."""
         return self.url.render_as_string(hide_password=True)

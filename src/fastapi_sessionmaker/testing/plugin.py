@@ -50,6 +50,7 @@ URL_VARIABLES = ("FSM_TEST_DATABASE_URL", "DATABASE_URI")
 DEFAULT_URL = "sqlite://"
 """The test database when none is configured: SQLite in memory."""
 _ACTIVE = pytest.StashKey[bool]()
+_DATABASE = pytest.StashKey["TestDatabase"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -76,13 +77,71 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Before the first ``conftest.py`` is imported (it may import the app).
+
+    See :func:`provide_database_uri`.
+    """
+    _activate(early_config)
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[_ACTIVE] = bool(
-        config.getoption("fsm_database_url")
+    """Decide whether the plugin is active (a URL or the app is configured); if so, see
+    :func:`provide_database_uri` (done here when the plugin came from a ``conftest.py``)."""
+    _activate(config)
+
+
+def _option(config: pytest.Config) -> str | None:
+    # Before pytest_configure only the early parse of the command line holds the option.
+    early = getattr(getattr(config, "known_args_namespace", None), "fsm_database_url", None)
+    value = early or config.getoption("fsm_database_url", None)
+    return str(value) if value else None
+
+
+def _activate(config: pytest.Config) -> None:
+    if _ACTIVE in config.stash:
+        return
+    config.stash[_ACTIVE] = active = bool(
+        _option(config)
         or config.getini("fsm_database_url")
         or config.getini("fsm_app")
         or os.environ.get("FSM_TEST_DATABASE_URL")
     )
+    if active:
+        provide_database_uri(config)
+
+
+def provide_database_uri(config: pytest.Config) -> None:
+    """Point ``DATABASE_URI`` at the test database for the whole run, then restore it.
+
+    Apps build their maker when their module is imported: ``FastAPISessionMaker()`` (or code that
+    reads ``os.environ["DATABASE_URI"]``) then finds the test database, ``test_<name>``, never the
+    configured one, and without ``DATABASE_URI`` set it finds the default in-memory database
+    instead of failing. ``FSM_TEST_DATABASE_URL`` keeps the configured URL, so xdist workers
+    (which inherit this environment) derive their own ``test_<name>_gwN`` from it.
+    """
+    from fastapi_sessionmaker.exceptions import ConfigurationError
+    from fastapi_sessionmaker.testing._database import TestDatabase
+
+    source = configured_url(config) or DEFAULT_URL
+    try:
+        database = TestDatabase(source, create=config.getini("fsm_create_database"))
+        app_url = database.url_like(source)
+    except ConfigurationError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_DATABASE] = database
+    saved = {name: os.environ.get(name) for name in URL_VARIABLES}
+
+    def restore() -> None:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    config.add_cleanup(restore)
+    os.environ["FSM_TEST_DATABASE_URL"] = source
+    os.environ["DATABASE_URI"] = app_url
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -113,13 +172,25 @@ def load_object(spec: str, option: str) -> Any:
 
 
 def configured_url(config: pytest.Config) -> str | None:
-    """The database URL from the option, the ini file or the environment (in that order)."""
-    for value in (config.getoption("fsm_database_url"), config.getini("fsm_database_url")):
+    """The database URL from the option, the ini file or the environment (in that order).
+
+    The environment: ``FSM_TEST_DATABASE_URL``, ``DATABASE_URI``, or the ``DATABASE_SCHEME``,
+    ``DATABASE_HOST``... parts that ``FastAPISessionMaker()`` reads too.
+    """
+    for value in (_option(config), config.getini("fsm_database_url")):
         if value:
             return str(value)
     for variable in URL_VARIABLES:
         if os.environ.get(variable):
             return os.environ[variable]
+    if os.environ.get("DATABASE_SCHEME"):
+        from fastapi_sessionmaker._settings import DatabaseSettings
+        from fastapi_sessionmaker.exceptions import ConfigurationError
+
+        try:
+            return DatabaseSettings().url().render_as_string(hide_password=False)
+        except ConfigurationError as exc:
+            raise pytest.UsageError(str(exc)) from None
     return None
 
 
@@ -164,10 +235,18 @@ def _leave(makers: list[Any]) -> None:
 
 # -- configuration fixtures (override them in your conftest.py) -------------------------------
 @pytest.fixture(scope="session")
-def fsm_app(pytestconfig: pytest.Config) -> FastAPI | None:
-    """The app under test, from the ``fsm_app`` ini option; override it to build the app yourself."""
-    spec = pytestconfig.getini("fsm_app")
-    return load_object(spec, "fsm_app") if spec else None
+def fsm_app(request: pytest.FixtureRequest) -> FastAPI | None:
+    """The app under test, from the ``fsm_app`` ini option; override it to build the app yourself.
+
+    The test database exists before the app's module is imported, so code that runs at import
+    (``Base.metadata.create_all(db.cached_engine)``) finds it through ``DATABASE_URI``.
+    """
+    spec = request.config.getini("fsm_app")
+    if not spec:
+        return None
+    request.getfixturevalue("fsm_database")
+    app: FastAPI = load_object(spec, "fsm_app")
+    return app
 
 
 @pytest.fixture(scope="session")
@@ -183,11 +262,13 @@ def fsm_database(pytestconfig: pytest.Config) -> Iterator[TestDatabase]:
     from fastapi_sessionmaker.exceptions import ConfigurationError
     from fastapi_sessionmaker.testing._database import TestDatabase
 
-    url = configured_url(pytestconfig) or DEFAULT_URL
-    try:
-        database = TestDatabase(url, create=pytestconfig.getini("fsm_create_database"))
-    except ConfigurationError as exc:
-        raise pytest.UsageError(str(exc)) from None
+    database = pytestconfig.stash.get(_DATABASE, None)
+    if database is None:  # the plugin is not active: the fixture was asked for all the same
+        url = configured_url(pytestconfig) or DEFAULT_URL
+        try:
+            database = TestDatabase(url, create=pytestconfig.getini("fsm_create_database"))
+        except ConfigurationError as exc:
+            raise pytest.UsageError(str(exc)) from None
     database.setup()
     try:
         yield database
