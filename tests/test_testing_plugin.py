@@ -491,3 +491,56 @@ def test_database_uri_is_set_before_the_conftest_is_imported(
     result.assert_outcomes(passed=1)
     assert "DATABASE_URI" not in os.environ, "the plugin did not restore the environment"
     assert "FSM_TEST_DATABASE_URL" not in os.environ
+
+
+# -- the sync fixtures with an async-only app: a clear error, never a hang -----------------------
+
+SYNC_FIXTURES_ON_ASYNC_APP = """
+import sqlalchemy as sa
+from user_models import Note
+
+
+def test_sync_session_beside_the_async_app(fsm_client, fsm_session):
+    fsm_session.add(Note(text="taken"))
+    fsm_session.commit()
+    assert fsm_client.post("/notes", params={"text": "taken"}).status_code == 409
+
+
+async def test_sync_session_beside_the_async_client(fsm_async_client, fsm_session):
+    fsm_session.add(Note(text="taken"))
+    fsm_session.commit()
+    assert (await fsm_async_client.post("/notes", params={"text": "taken"})).status_code == 409
+
+
+def test_the_client_alone_still_works(fsm_client):
+    assert fsm_client.post("/notes", params={"text": "alone"}).status_code == 201
+    assert fsm_client.get("/notes").json() == 1
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_sync_fixtures_with_an_async_only_app_fail_at_once(
+    pytester: pytest.Pytester, databases: Databases, backend: str
+) -> None:
+    """fsm_session is another connection than the async app's: refused before the test runs.
+
+    Before, the app waited for the test's row lock on PostgreSQL (forever) and MariaDB (50 s), and
+    saw nothing of the test's rows on SQLite.
+    """
+    pytester.makepyfile(user_models=MODELS, user_async_app=ASYNC_APP, test_mixed=SYNC_FIXTURES_ON_ASYNC_APP)
+    pytester.makeini(
+        """
+        [pytest]
+        fsm_app = user_async_app:app
+        fsm_metadata = user_models:Base.metadata
+        filterwarnings = error
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--fsm-database-url={databases.url(backend)}", timeout=30
+    )
+    result.assert_outcomes(passed=1, errors=2)
+    output = result.stdout.str()
+    for fixture in ("fsm_client", "fsm_async_client"):
+        assert f"fsm_session cannot be used with {fixture}: the app's makers are all async" in output
+    assert "fsm_async_client + fsm_async_session" in output

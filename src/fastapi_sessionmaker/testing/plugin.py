@@ -337,22 +337,47 @@ def _fsm_join_app(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
 
 
+def _refuse_sync_fixtures(app: FastAPI, request: pytest.FixtureRequest, client: str) -> None:
+    """Stop a test that takes ``fsm_session`` / ``fsm_connection`` beside an async-only app.
+
+    Those are a sync connection of their own, while the app's async makers work on the test's
+    async connection: the test would see nothing the app wrote, and on PostgreSQL and MariaDB
+    the two connections would wait on each other's row locks (for ever, within one test).
+    """
+    if _makers(app, is_async=False) or not _makers(app, is_async=True):
+        return
+    for fixture in ("fsm_session", "fsm_connection"):
+        if fixture in request.fixturenames:
+            raise pytest.UsageError(
+                f"{fixture} cannot be used with {client}: the app's makers are all async "
+                f"(AsyncFastAPISessionMaker) and work on the test's async connection, while {fixture} "
+                "is a sync connection of its own: it would not see what the app wrote and could wait "
+                "for the app's locks for ever. Write the test as `async def` with "
+                "fsm_async_client + fsm_async_session (anyio's pytest plugin runs it), or use "
+                "fsm_client alone and check the results through the app."
+            )
+
+
 @pytest.fixture
-def fsm_client(
-    fsm_app: FastAPI | None, fsm_connection: sa.Connection, request: pytest.FixtureRequest
-) -> Iterator[TestClient]:
-    """A started ``TestClient`` for the app; every maker of the app works in the test's transaction."""
+def fsm_client(fsm_app: FastAPI | None, request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """A started ``TestClient`` for the app; every maker of the app works in the test's transaction.
+
+    With an async-only app, ``fsm_session`` and ``fsm_connection`` cannot see what the app writes:
+    asking for them beside ``fsm_client`` is a usage error that names the async fixtures.
+    """
     from fastapi.testclient import TestClient
 
     if fsm_app is None:
         raise pytest.UsageError(
             "fsm_client needs the app: set fsm_app in the ini options or override the fsm_app fixture"
         )
+    _refuse_sync_fixtures(fsm_app, request, "fsm_client")
     sync_makers = _makers(fsm_app, is_async=False)
     async_makers = _makers(fsm_app, is_async=True)
     async_engine: AsyncEngine | None = request.getfixturevalue("fsm_async_engine") if async_makers else None
     with contextlib.ExitStack() as stack:
-        stack.enter_context(join_connection(sync_makers, fsm_connection))
+        if sync_makers:
+            stack.enter_context(join_connection(sync_makers, request.getfixturevalue("fsm_connection")))
         stack.callback(_leave, async_makers)
         for maker in async_makers:  # the app's start-up check connects to the test database
             maker._joined_engine = async_engine
@@ -410,7 +435,7 @@ async def fsm_async_session(fsm_async_connection: AsyncConnection) -> AsyncItera
 
 @pytest.fixture
 async def fsm_async_client(
-    fsm_app: FastAPI | None, fsm_async_connection: AsyncConnection
+    fsm_app: FastAPI | None, fsm_async_connection: AsyncConnection, request: pytest.FixtureRequest
 ) -> AsyncIterator[httpx.AsyncClient]:
     """An ``httpx.AsyncClient`` calling the app in-process (no lifespan), in the test's transaction."""
     import httpx
@@ -419,6 +444,7 @@ async def fsm_async_client(
         raise pytest.UsageError(
             "fsm_async_client needs the app: set fsm_app in the ini options or override the fsm_app fixture"
         )
+    _refuse_sync_fixtures(fsm_app, request, "fsm_async_client")
     transport = httpx.ASGITransport(app=fsm_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield client
