@@ -31,6 +31,25 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "scripts/test" in ci.splitlines()[-1]
 
 
+def test_ci_runs_the_suite_on_the_oldest_and_newest_pythons() -> None:
+    """requires-python's lower bound and the newest release, each in a venv of its own, lint once."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    oldest = re.search(r'^requires-python = ">=(3\.\d+)"$', pyproject, flags=re.MULTILINE)
+    assert oldest is not None
+    versions = re.search(r"CI_PYTHONS:-([0-9. ]+)\}", ci)
+    assert versions is not None
+    assert versions.group(1).split() == [oldest.group(1), "3.13"]
+    lines = ci.splitlines()
+    assert lines[-2] == "scripts/test"  # the default Python
+    assert 'VENV=".venv-${run%%=*}" PYTHON="${run#*=}" scripts/test' in lines[-1]
+    assert sum(line.startswith(".venv/bin/mypy") for line in lines) == 1
+    assert 'if [ "$CI" = "true" ]' in ci  # a missing Python fails CI
+    for script in ("install", "test"):
+        assert 'venv="${VENV:-.venv}"' in (ROOT / "scripts" / script).read_text()
+    assert ".venv-*/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
 def test_demo_serves_on_localhost_8000_with_sqlite_default() -> None:
     demo = (ROOT / "scripts" / "demo").read_text()
     assert "--host 127.0.0.1 --port 8000" in demo

@@ -6,6 +6,7 @@ Example:
     >>> with context_session(engine) as session:
     ...     session.execute(sa.text("SELECT 1")).scalar()
     1
+    >>> engine.dispose()
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ def get_sessionmaker_for_engine(engine: sa.Engine) -> sessionmaker[Session]:
     """A sessionmaker bound to ``engine``, with fastapi-utils' ``autoflush=False``.
 
     Example:
-        >>> SessionLocal = get_sessionmaker_for_engine(get_engine("sqlite://"))
+        >>> engine = get_engine("sqlite://")
+        >>> SessionLocal = get_sessionmaker_for_engine(engine)
         >>> with SessionLocal() as session:
         ...     session.execute(sa.text("SELECT 1")).scalar()
         1
+        >>> engine.dispose()
     """
     return sessionmaker(bind=engine, autoflush=False)
 
@@ -58,6 +61,7 @@ def context_session(engine: sa.Engine) -> Iterator[Session]:
         >>> with context_session(engine) as session:
         ...     session.execute(sa.text("SELECT x FROM t")).scalar()
         1
+        >>> engine.dispose()
     """
     with unit_of_work(get_sessionmaker_for_engine(engine)(), commit=True) as session:
         yield session

@@ -219,6 +219,7 @@ def join_connection(makers: list[Any], connection: Any) -> Iterator[None]:
         >>> with engine.connect() as connection, join_connection([maker], connection):
         ...     maker.cached_engine is engine
         True
+        >>> engine.dispose()
     """
     for maker in makers:
         maker._join(connection)
