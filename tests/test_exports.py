@@ -30,6 +30,7 @@ EXPECTED_ROOT = {
     "DBSession",
     "AsyncDBSession",
     "ReadOnlySession",
+    "dependency_of",
     # the commit rule and the HTTP edge
     "CommitPolicy",
     "Problem",

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from fastapi_sessionmaker._async import AsyncFastAPISessionMaker as AsyncFastAPISessionMaker
+from fastapi_sessionmaker._base import dependency_of as dependency_of
 from fastapi_sessionmaker._fastapi import default_async_session, default_sync_session
 from fastapi_sessionmaker._health import health_router as health_router
 from fastapi_sessionmaker._health import pool_stats as pool_stats
@@ -78,6 +79,7 @@ __all__ = [
     "async_setup_guids_postgresql",
     "context_session",
     "default_error_mapper",
+    "dependency_of",
     "get_engine",
     "get_sessionmaker_for_engine",
     "health_router",
