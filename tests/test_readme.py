@@ -78,3 +78,17 @@ def test_quick_start_commits_before_the_response(in_tmp_dir: Path) -> None:
 @pytest.mark.parametrize("index", [1, 2])
 def test_other_examples_run(index: int, in_tmp_dir: Path) -> None:
     exec(python_blocks()[index], {"__name__": f"readme_block_{index}"})
+
+
+def test_tutorial_migration_parameter_order(in_tmp_dir: Path) -> None:
+    namespace: dict[str, object] = {"__name__": "readme_migration"}
+    exec(python_blocks()[0] + python_blocks()[3], namespace)
+    with TestClient(namespace["app"]) as client:  # type: ignore[arg-type]
+        for text in ("a", "b", "c"):
+            assert client.post("/notes", params={"text": text}).status_code == 201
+        assert client.get("/notes").json() == ["a", "b", "c"]
+        assert client.get("/notes", params={"skip": 1, "limit": 1}).json() == ["b"]
+        assert client.get("/notes/latest", params={"limit": 2}).json() == ["c", "b"]
+    # The literal replacement the README warns about does not even compile.
+    with pytest.raises(SyntaxError, match="default"):  # wording differs between Pythons
+        compile("def read_notes(skip: int = 0, limit: int = 100, session: DBSession): ...", "<x>", "exec")
