@@ -92,3 +92,20 @@ def test_tutorial_migration_parameter_order(in_tmp_dir: Path) -> None:
     # The literal replacement the README warns about does not even compile.
     with pytest.raises(SyntaxError, match="default"):  # wording differs between Pythons
         compile("def read_notes(skip: int = 0, limit: int = 100, session: DBSession): ...", "<x>", "exec")
+
+
+@pytest.mark.parametrize("module_name", ["examples.app", "examples.async_app"])
+def test_readme_lists_every_demo_endpoint(module_name: str) -> None:
+    import importlib
+
+    from fastapi.routing import APIRoute
+
+    listed = set(re.findall(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/\S*)` \|", README, flags=re.MULTILINE))
+    app = importlib.import_module(module_name).app
+    served = {
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, APIRoute)
+        for method in route.methods or ()
+    }
+    assert listed == served
