@@ -109,3 +109,33 @@ def test_readme_lists_every_demo_endpoint(module_name: str) -> None:
         for method in route.methods or ()
     }
     assert listed == served
+
+
+def test_the_two_context_sessions_differ_as_the_readme_says(in_tmp_dir: Path) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy.orm.exc import DetachedInstanceError
+
+    from fastapi_sessionmaker import FastAPISessionMaker, context_session
+    from tests.models import User, reset_tables
+
+    assert "`db.context_session()` (a method of the maker) is the one to use" in README
+    db = FastAPISessionMaker("sqlite:///./both.db")
+    read_only = FastAPISessionMaker("sqlite:///./both.db", policy="read_only")
+    try:
+        reset_tables(db.cached_engine)
+        with db.context_session() as session:
+            ann = User(email="ann@example.com", name="Ann")
+            session.add(ann)
+        assert ann.name == "Ann"  # expire_on_commit=False: readable after the block
+        with context_session(db.cached_engine) as session:
+            bob = User(email="bob@example.com", name="Bob")
+            session.add(bob)
+        with pytest.raises(DetachedInstanceError):
+            _ = bob.name  # fastapi-utils' expire_on_commit=True
+        with read_only.context_session() as session:
+            session.execute(sa.delete(User))  # the policy rolls it back
+        with db.context_session() as session:
+            assert sorted(session.scalars(sa.select(User.email))) == ["ann@example.com", "bob@example.com"]
+    finally:
+        db.dispose()
+        read_only.dispose()
