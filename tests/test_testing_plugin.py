@@ -194,11 +194,14 @@ def test_commits_through_the_app_leave_nothing_behind(
     if workers and user_database_url == "sqlite://":
         pytest.skip("in-memory SQLite is covered serially; each xdist worker has its own anyway")
     user_project(pytester)
-    args = ["-p", "no:cacheprovider", f"--fsm-database-url={user_database_url}"]
+    # -W error: also what the run leaves to the garbage collector at its end (unclosed sqlite3
+    # connections are a ResourceWarning on Python 3.13).
+    args = ["-p", "no:cacheprovider", "-W", "error", f"--fsm-database-url={user_database_url}"]
     if workers:
         args += ["-n", str(workers)]
     result = pytester.runpytest_subprocess(*args, timeout=120)
     result.assert_outcomes(passed=12)
+    assert result.ret == 0, result.stderr.str()
     assert not list(pytester.path.glob("*never_created*")), "the app's own database was used"
 
 

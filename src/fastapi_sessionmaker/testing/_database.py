@@ -114,9 +114,7 @@ class TestDatabase:
 
     def teardown(self) -> None:
         """Drop the database (or remove the SQLite file)."""
-        if self.keeper is not None:
-            self.keeper.close()
-            self.keeper = None
+        self.close_keeper()
         if not self.create:
             return
         if self.path is not None:
@@ -133,6 +131,13 @@ class TestDatabase:
                         {"name": self.url.database},
                     )
                 connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted}")
+
+    def close_keeper(self) -> None:
+        """Close the connection that keeps an in-memory database alive (before its engine is disposed:
+        a connection checked in after ``dispose()`` goes back to the old pool and is never closed)."""
+        if self.keeper is not None:
+            self.keeper.close()
+            self.keeper = None
 
     def _remove_files(self) -> None:
         assert self.path is not None

@@ -293,6 +293,7 @@ def fsm_engine(fsm_database: TestDatabase, fsm_metadata: sa.MetaData | None) -> 
                 fsm_metadata.create_all(connection)
         yield engine
     finally:
+        fsm_database.close_keeper()
         engine.dispose()
 
 
