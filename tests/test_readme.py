@@ -31,6 +31,25 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "scripts/test" in ci.splitlines()[-1]
 
 
+def test_ci_runs_the_suite_on_the_oldest_and_newest_pythons() -> None:
+    """requires-python's lower bound and the newest release, each in a venv of its own, lint once."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    oldest = re.search(r'^requires-python = ">=(3\.\d+)"$', pyproject, flags=re.MULTILINE)
+    assert oldest is not None
+    versions = re.search(r"CI_PYTHONS:-([0-9. ]+)\}", ci)
+    assert versions is not None
+    assert versions.group(1).split() == [oldest.group(1), "3.13"]
+    lines = ci.splitlines()
+    assert lines[-2] == "scripts/test"  # the default Python
+    assert 'VENV=".venv-${run%%=*}" PYTHON="${run#*=}" scripts/test' in lines[-1]
+    assert sum(line.startswith(".venv/bin/mypy") for line in lines) == 1
+    assert 'if [ "$CI" = "true" ]' in ci  # a missing Python fails CI
+    for script in ("install", "test"):
+        assert 'venv="${VENV:-.venv}"' in (ROOT / "scripts" / script).read_text()
+    assert ".venv-*/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
 def test_demo_serves_on_localhost_8000_with_sqlite_default() -> None:
     demo = (ROOT / "scripts" / "demo").read_text()
     assert "--host 127.0.0.1 --port 8000" in demo
@@ -59,3 +78,64 @@ def test_quick_start_commits_before_the_response(in_tmp_dir: Path) -> None:
 @pytest.mark.parametrize("index", [1, 2])
 def test_other_examples_run(index: int, in_tmp_dir: Path) -> None:
     exec(python_blocks()[index], {"__name__": f"readme_block_{index}"})
+
+
+def test_tutorial_migration_parameter_order(in_tmp_dir: Path) -> None:
+    namespace: dict[str, object] = {"__name__": "readme_migration"}
+    exec(python_blocks()[0] + python_blocks()[3], namespace)
+    with TestClient(namespace["app"]) as client:  # type: ignore[arg-type]
+        for text in ("a", "b", "c"):
+            assert client.post("/notes", params={"text": text}).status_code == 201
+        assert client.get("/notes").json() == ["a", "b", "c"]
+        assert client.get("/notes", params={"skip": 1, "limit": 1}).json() == ["b"]
+        assert client.get("/notes/latest", params={"limit": 2}).json() == ["c", "b"]
+    # The literal replacement the README warns about does not even compile.
+    with pytest.raises(SyntaxError, match="default"):  # wording differs between Pythons
+        compile("def read_notes(skip: int = 0, limit: int = 100, session: DBSession): ...", "<x>", "exec")
+
+
+@pytest.mark.parametrize("module_name", ["examples.app", "examples.async_app"])
+def test_readme_lists_every_demo_endpoint(module_name: str) -> None:
+    import importlib
+
+    from fastapi.routing import APIRoute
+
+    listed = set(re.findall(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/\S*)` \|", README, flags=re.MULTILINE))
+    app = importlib.import_module(module_name).app
+    served = {
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, APIRoute)
+        for method in route.methods or ()
+    }
+    assert listed == served
+
+
+def test_the_two_context_sessions_differ_as_the_readme_says(in_tmp_dir: Path) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy.orm.exc import DetachedInstanceError
+
+    from fastapi_sessionmaker import FastAPISessionMaker, context_session
+    from tests.models import User, reset_tables
+
+    assert "`db.context_session()` (a method of the maker) is the one to use" in README
+    db = FastAPISessionMaker("sqlite:///./both.db")
+    read_only = FastAPISessionMaker("sqlite:///./both.db", policy="read_only")
+    try:
+        reset_tables(db.cached_engine)
+        with db.context_session() as session:
+            ann = User(email="ann@example.com", name="Ann")
+            session.add(ann)
+        assert ann.name == "Ann"  # expire_on_commit=False: readable after the block
+        with context_session(db.cached_engine) as session:
+            bob = User(email="bob@example.com", name="Bob")
+            session.add(bob)
+        with pytest.raises(DetachedInstanceError):
+            _ = bob.name  # fastapi-utils' expire_on_commit=True
+        with read_only.context_session() as session:
+            session.execute(sa.delete(User))  # the policy rolls it back
+        with db.context_session() as session:
+            assert sorted(session.scalars(sa.select(User.email))) == ["ann@example.com", "bob@example.com"]
+    finally:
+        db.dispose()
+        read_only.dispose()

@@ -194,11 +194,14 @@ def test_commits_through_the_app_leave_nothing_behind(
     if workers and user_database_url == "sqlite://":
         pytest.skip("in-memory SQLite is covered serially; each xdist worker has its own anyway")
     user_project(pytester)
-    args = ["-p", "no:cacheprovider", f"--fsm-database-url={user_database_url}"]
+    # -W error: also what the run leaves to the garbage collector at its end (unclosed sqlite3
+    # connections are a ResourceWarning on Python 3.13).
+    args = ["-p", "no:cacheprovider", "-W", "error", f"--fsm-database-url={user_database_url}"]
     if workers:
         args += ["-n", str(workers)]
     result = pytester.runpytest_subprocess(*args, timeout=120)
     result.assert_outcomes(passed=12)
+    assert result.ret == 0, result.stderr.str()
     assert not list(pytester.path.glob("*never_created*")), "the app's own database was used"
 
 
@@ -335,3 +338,212 @@ def test_benchmark_quick_mode_runs() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| SQLite (file) | rollback (plugin) |" in result.stdout
     assert "| SQLite (file) | recreate tables |" in result.stdout
+
+
+# -- an app whose maker reads DATABASE_URI (the README's `FastAPISessionMaker()`) ----------------
+
+ENV_MODELS = """
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class EnvNote(Base):
+    __tablename__ = "plugin_env_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(sa.String(50), unique=True)
+"""
+
+ENV_APP = """
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi_sessionmaker import DBSession, FastAPISessionMaker
+from user_env_models import Base, EnvNote
+
+db = FastAPISessionMaker()  # DATABASE_URI from the environment
+app = FastAPI()
+db.init_app(app)
+Base.metadata.create_all(db.cached_engine)  # the README's pattern: at import
+
+
+@app.post("/notes", status_code=201)
+def add(text: str, session: DBSession) -> int:
+    session.add(EnvNote(text=text))
+    session.flush()
+    return session.scalar(sa.select(sa.func.count(EnvNote.id))) or 0
+"""
+
+ENV_TESTS = """
+import pytest
+import sqlalchemy as sa
+from user_env_models import EnvNote
+
+
+@pytest.mark.parametrize("n", range(2))
+def test_the_app_works_in_the_test_database(fsm_client, fsm_session, fsm_database, n):
+    import user_env_app  # imported by the fsm_app fixture
+
+    assert user_env_app.db.url.database == fsm_database.url.database
+    assert fsm_client.post("/notes", params={"text": "env"}).status_code == 201
+    assert fsm_session.scalars(sa.select(EnvNote.text)).all() == ["env"]
+"""
+
+
+def env_project(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(user_env_models=ENV_MODELS, user_env_app=ENV_APP, test_env=ENV_TESTS)
+    pytester.makeini(
+        """
+        [pytest]
+        fsm_app = user_env_app:app
+        fsm_metadata = user_env_models:Base.metadata
+        filterwarnings = error
+        """
+    )
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for variable in ("DATABASE_URI", "DATABASE_SCHEME", "FSM_TEST_DATABASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("where", "workers"),
+    [("default", 0), ("sqlite", 0), ("postgresql", 0), ("postgresql", 2), ("mariadb", 0)],
+)
+def test_a_maker_from_the_environment_gets_the_test_database(
+    pytester: pytest.Pytester,
+    databases: Databases,
+    clean_environment: pytest.MonkeyPatch,
+    where: str,
+    workers: int,
+) -> None:
+    """``FastAPISessionMaker()`` with no DATABASE_URI set: the plugin provides the test database."""
+    env_project(pytester)
+    args = ["-p", "no:cacheprovider"]
+    if where == "postgresql":
+        args.append(f"--fsm-database-url={databases.url(where)}")
+    elif where != "default":
+        clean_environment.setenv("FSM_TEST_DATABASE_URL", databases.url(where))
+    if workers:
+        args += ["-n", str(workers)]
+    result = pytester.runpytest_subprocess(*args, timeout=120)
+    result.assert_outcomes(passed=2)
+    assert "DATABASE_URI is not set" not in result.stdout.str() + result.stderr.str()
+
+
+def _has_table(url: str, table: str) -> bool:
+    import sqlalchemy as sa
+
+    from fastapi_sessionmaker import FastAPISessionMaker
+
+    engine = FastAPISessionMaker(url).get_new_engine()
+    try:
+        return sa.inspect(engine).has_table(table)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_a_maker_from_the_environment_never_writes_into_the_configured_database(
+    pytester: pytest.Pytester, databases: Databases, clean_environment: pytest.MonkeyPatch, backend: str
+) -> None:
+    """DATABASE_URI names a real database: the app, built from it at import, works in test_<name>."""
+    if backend == "sqlite":
+        real = f"sqlite:///{pytester.path}/real.db"
+    else:
+        real = databases.url(backend)
+        assert not _has_table(real, "plugin_env_notes")
+    clean_environment.setenv("DATABASE_URI", real)
+    env_project(pytester)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=2)
+    if backend == "sqlite":
+        assert not (pytester.path / "real.db").exists(), "the configured SQLite database was written to"
+    else:
+        assert not _has_table(real, "plugin_env_notes"), "the app created its tables in the real database"
+
+
+def test_database_uri_is_set_before_the_conftest_is_imported(
+    pytester: pytest.Pytester, clean_environment: pytest.MonkeyPatch
+) -> None:
+    pytester.makeconftest(
+        """
+        from fastapi_sessionmaker import FastAPISessionMaker
+
+        db = FastAPISessionMaker()  # a root conftest.py that imports the app
+        """
+    )
+    pytester.makepyfile(
+        test_early="""
+        import os
+        import conftest
+
+
+        def test_the_conftest_maker_has_the_test_database(fsm_database):
+            assert conftest.db.url.database == fsm_database.url.database
+            assert os.environ["FSM_TEST_DATABASE_URL"] == "sqlite://"
+        """
+    )
+    pytester.makeini("[pytest]\nfsm_database_url = sqlite://\nfilterwarnings = error\n")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "DATABASE_URI" not in os.environ, "the plugin did not restore the environment"
+    assert "FSM_TEST_DATABASE_URL" not in os.environ
+
+
+# -- the sync fixtures with an async-only app: a clear error, never a hang -----------------------
+
+SYNC_FIXTURES_ON_ASYNC_APP = """
+import sqlalchemy as sa
+from user_models import Note
+
+
+def test_sync_session_beside_the_async_app(fsm_client, fsm_session):
+    fsm_session.add(Note(text="taken"))
+    fsm_session.commit()
+    assert fsm_client.post("/notes", params={"text": "taken"}).status_code == 409
+
+
+async def test_sync_session_beside_the_async_client(fsm_async_client, fsm_session):
+    fsm_session.add(Note(text="taken"))
+    fsm_session.commit()
+    assert (await fsm_async_client.post("/notes", params={"text": "taken"})).status_code == 409
+
+
+def test_the_client_alone_still_works(fsm_client):
+    assert fsm_client.post("/notes", params={"text": "alone"}).status_code == 201
+    assert fsm_client.get("/notes").json() == 1
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_sync_fixtures_with_an_async_only_app_fail_at_once(
+    pytester: pytest.Pytester, databases: Databases, backend: str
+) -> None:
+    """fsm_session is another connection than the async app's: refused before the test runs.
+
+    Before, the app waited for the test's row lock on PostgreSQL (forever) and MariaDB (50 s), and
+    saw nothing of the test's rows on SQLite.
+    """
+    pytester.makepyfile(user_models=MODELS, user_async_app=ASYNC_APP, test_mixed=SYNC_FIXTURES_ON_ASYNC_APP)
+    pytester.makeini(
+        """
+        [pytest]
+        fsm_app = user_async_app:app
+        fsm_metadata = user_models:Base.metadata
+        filterwarnings = error
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--fsm-database-url={databases.url(backend)}", timeout=30
+    )
+    result.assert_outcomes(passed=1, errors=2)
+    output = result.stdout.str()
+    for fixture in ("fsm_client", "fsm_async_client"):
+        assert f"fsm_session cannot be used with {fixture}: the app's makers are all async" in output
+    assert "fsm_async_client + fsm_async_session" in output

@@ -27,6 +27,7 @@ from fastapi_sessionmaker._health import health_router as health_router
 from fastapi_sessionmaker._health import pool_stats as pool_stats
 from fastapi_sessionmaker._policy import CommitPolicy as CommitPolicy
 from fastapi_sessionmaker._request import default_async_session, default_sync_session
+from fastapi_sessionmaker._request import dependency_of as dependency_of
 from fastapi_sessionmaker._sessions import ReadOnlySession as ReadOnlySession
 from fastapi_sessionmaker._settings import DatabaseSettings as DatabaseSettings
 from fastapi_sessionmaker._sync import FastAPISessionMaker as FastAPISessionMaker
@@ -80,6 +81,7 @@ __all__ = [
     "async_setup_guids_postgresql",
     "context_session",
     "default_error_mapper",
+    "dependency_of",
     "get_engine",
     "get_sessionmaker_for_engine",
     "health_router",

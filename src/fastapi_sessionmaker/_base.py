@@ -231,7 +231,8 @@ def engine_kwargs(url: URL, options: Mapping[str, Any], *, is_async: bool) -> di
     ping on every checkout, ``False`` for no check at all).
     """
     kwargs: dict[str, Any] = {}
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+    memory = url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    if url.get_backend_name() == "sqlite" and memory:  # also "file:name?mode=memory&uri=true"
         # One shared in-memory database; the maker's limiter gives the one connection to one
         # session at a time, so a request never sees (or commits) another request's work.
         kwargs["poolclass"] = StaticPool

@@ -46,6 +46,7 @@ __all__ = [
     "default_async_session",
     "default_sync_session",
     "dependency_for",
+    "dependency_of",
     "enter_state",
     "require_state",
     "reset_state",
@@ -311,3 +312,27 @@ def _default_async(state: RequestState) -> RequestMaker:
 
 default_sync_session = dependency_for(_default_sync, None)
 default_async_session = dependency_for(_default_async, None)
+
+
+def dependency_of(alias: Any) -> Callable[..., Any]:
+    """The callable behind a session dependency: the key to use in ``app.dependency_overrides``.
+
+    ``alias`` is an ``Annotated[..., Depends(...)]`` alias (:data:`DBSession`,
+    :data:`AsyncDBSession`, one of your own) or a ``Depends`` (``db.dependency``,
+    ``db.depends(policy=...)``). Each is a different dependency: override the one your endpoints take.
+
+    Example:
+        >>> from fastapi import FastAPI
+        >>> from fastapi_sessionmaker import DBSession, dependency_of
+        >>> app = FastAPI()
+        >>> app.dependency_overrides[dependency_of(DBSession)] = lambda: "a session of your own"
+    """
+    from fastapi import params
+
+    for candidate in getattr(alias, "__metadata__", (alias,)):
+        if isinstance(candidate, params.Depends) and candidate.dependency is not None:
+            return candidate.dependency
+    raise TypeError(
+        f"dependency_of({alias!r}): expected Depends(...) or an Annotated[..., Depends(...)] alias "
+        "such as DBSession"
+    )

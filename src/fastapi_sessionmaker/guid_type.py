@@ -42,6 +42,7 @@ class GUID(TypeDecorator[uuid.UUID]):
         ...     _ = connection.execute(things.insert(), {"id": "0b4f1f5e-8a9e-4b1e-9f7a-2f0d3c2c9f11"})
         ...     connection.execute(sa.select(things.c.id)).scalar_one()
         UUID('0b4f1f5e-8a9e-4b1e-9f7a-2f0d3c2c9f11')
+        >>> engine.dispose()
     """
 
     impl = CHAR

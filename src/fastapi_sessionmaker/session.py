@@ -1,11 +1,15 @@
 """fastapi-utils compatible names: change ``fastapi_utils.session`` to ``fastapi_sessionmaker.session``.
 
+``context_session(engine)`` here is fastapi-utils' function; the maker's ``db.context_session()``
+follows the maker's policy and options and is the one to use in new code.
+
 Example:
     >>> from fastapi_sessionmaker.session import FastAPISessionMaker, context_session, get_engine
     >>> engine = get_engine("sqlite://")
     >>> with context_session(engine) as session:
     ...     session.execute(sa.text("SELECT 1")).scalar()
     1
+    >>> engine.dispose()
 """
 
 from __future__ import annotations
@@ -39,17 +43,25 @@ def get_sessionmaker_for_engine(engine: sa.Engine) -> sessionmaker[Session]:
     """A sessionmaker bound to ``engine``, with fastapi-utils' ``autoflush=False``.
 
     Example:
-        >>> SessionLocal = get_sessionmaker_for_engine(get_engine("sqlite://"))
+        >>> engine = get_engine("sqlite://")
+        >>> SessionLocal = get_sessionmaker_for_engine(engine)
         >>> with SessionLocal() as session:
         ...     session.execute(sa.text("SELECT 1")).scalar()
         1
+        >>> engine.dispose()
     """
     return sessionmaker(bind=engine, autoflush=False)
 
 
 @contextlib.contextmanager
 def context_session(engine: sa.Engine) -> Iterator[Session]:
-    """A session on ``engine``: commit on success, rollback on error, always closed.
+    """A session on ``engine``: commit on success, rollback on error, always closed (fastapi-utils name).
+
+    Kept so code written for fastapi-utils only changes its imports. New code uses the maker's
+    ``db.context_session()``: the maker's engine and session options (``expire_on_commit=False``),
+    its commit policy, an async twin, and the testing plugin's transaction. This one makes a session
+    with fastapi-utils' settings (``autoflush=False``, ``expire_on_commit=True``: objects it loaded
+    cannot be read after the block) and always commits on success.
 
     Example:
         >>> engine = get_engine("sqlite://")
@@ -59,6 +71,7 @@ def context_session(engine: sa.Engine) -> Iterator[Session]:
         >>> with context_session(engine) as session:
         ...     session.execute(sa.text("SELECT x FROM t")).scalar()
         1
+        >>> engine.dispose()
     """
     with sync_unit(get_sessionmaker_for_engine(engine)(), commit=True) as session:
         yield session

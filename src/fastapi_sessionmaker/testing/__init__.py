@@ -35,6 +35,9 @@ from fastapi_sessionmaker.testing.plugin import fsm_session as fsm_session
 from fastapi_sessionmaker.testing.plugin import join_connection as join_connection
 from fastapi_sessionmaker.testing.plugin import pytest_addoption as pytest_addoption
 from fastapi_sessionmaker.testing.plugin import pytest_configure as pytest_configure
+from fastapi_sessionmaker.testing.plugin import (
+    pytest_load_initial_conftests as pytest_load_initial_conftests,
+)
 from fastapi_sessionmaker.testing.plugin import pytest_report_header as pytest_report_header
 
 __all__ = [

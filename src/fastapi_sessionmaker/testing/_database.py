@@ -114,9 +114,7 @@ class TestDatabase:
 
     def teardown(self) -> None:
         """Drop the database (or remove the SQLite file)."""
-        if self.keeper is not None:
-            self.keeper.close()
-            self.keeper = None
+        self.close_keeper()
         if not self.create:
             return
         if self.path is not None:
@@ -133,6 +131,13 @@ class TestDatabase:
                         {"name": self.url.database},
                     )
                 connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted}")
+
+    def close_keeper(self) -> None:
+        """Close the connection that keeps an in-memory database alive (before its engine is disposed:
+        a connection checked in after ``dispose()`` goes back to the old pool and is never closed)."""
+        if self.keeper is not None:
+            self.keeper.close()
+            self.keeper = None
 
     def _remove_files(self) -> None:
         assert self.path is not None
@@ -179,6 +184,19 @@ class TestDatabase:
         if self.backend == "sqlite":
             sqlite_savepoints(engine.sync_engine)
         return engine
+
+    def url_like(self, configured: str | URL) -> str:
+        """The test database's URL with the driver of ``configured`` (or none, like it), password included.
+
+        This is what the plugin puts in ``DATABASE_URI``: a URL without a driver serves sync and
+        async makers alike, as the configured one did.
+
+        Example:
+            >>> TestDatabase("postgresql://app@db.internal/shop").url_like("postgresql://")
+            'postgresql://app@db.internal/test_shop...'
+        """
+        url = self.url.set(drivername=sa.make_url(configured).drivername)
+        return url.render_as_string(hide_password=False)
 
     def safe_url(self) -> str:
         """The test database's URL with the password and secret query values masked."""

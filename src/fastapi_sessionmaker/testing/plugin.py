@@ -50,6 +50,7 @@ URL_VARIABLES = ("FSM_TEST_DATABASE_URL", "DATABASE_URI")
 DEFAULT_URL = "sqlite://"
 """The test database when none is configured: SQLite in memory."""
 _ACTIVE = pytest.StashKey[bool]()
+_DATABASE = pytest.StashKey["TestDatabase"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -76,13 +77,71 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Before the first ``conftest.py`` is imported (it may import the app).
+
+    See :func:`provide_database_uri`.
+    """
+    _activate(early_config)
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[_ACTIVE] = bool(
-        config.getoption("fsm_database_url")
+    """Decide whether the plugin is active (a URL or the app is configured); if so, see
+    :func:`provide_database_uri` (done here when the plugin came from a ``conftest.py``)."""
+    _activate(config)
+
+
+def _option(config: pytest.Config) -> str | None:
+    # Before pytest_configure only the early parse of the command line holds the option.
+    early = getattr(getattr(config, "known_args_namespace", None), "fsm_database_url", None)
+    value = early or config.getoption("fsm_database_url", None)
+    return str(value) if value else None
+
+
+def _activate(config: pytest.Config) -> None:
+    if _ACTIVE in config.stash:
+        return
+    config.stash[_ACTIVE] = active = bool(
+        _option(config)
         or config.getini("fsm_database_url")
         or config.getini("fsm_app")
         or os.environ.get("FSM_TEST_DATABASE_URL")
     )
+    if active:
+        provide_database_uri(config)
+
+
+def provide_database_uri(config: pytest.Config) -> None:
+    """Point ``DATABASE_URI`` at the test database for the whole run, then restore it.
+
+    Apps build their maker when their module is imported: ``FastAPISessionMaker()`` (or code that
+    reads ``os.environ["DATABASE_URI"]``) then finds the test database, ``test_<name>``, never the
+    configured one, and without ``DATABASE_URI`` set it finds the default in-memory database
+    instead of failing. ``FSM_TEST_DATABASE_URL`` keeps the configured URL, so xdist workers
+    (which inherit this environment) derive their own ``test_<name>_gwN`` from it.
+    """
+    from fastapi_sessionmaker.exceptions import ConfigurationError
+    from fastapi_sessionmaker.testing._database import TestDatabase
+
+    source = configured_url(config) or DEFAULT_URL
+    try:
+        database = TestDatabase(source, create=config.getini("fsm_create_database"))
+        app_url = database.url_like(source)
+    except ConfigurationError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_DATABASE] = database
+    saved = {name: os.environ.get(name) for name in URL_VARIABLES}
+
+    def restore() -> None:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    config.add_cleanup(restore)
+    os.environ["FSM_TEST_DATABASE_URL"] = source
+    os.environ["DATABASE_URI"] = app_url
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -113,13 +172,25 @@ def load_object(spec: str, option: str) -> Any:
 
 
 def configured_url(config: pytest.Config) -> str | None:
-    """The database URL from the option, the ini file or the environment (in that order)."""
-    for value in (config.getoption("fsm_database_url"), config.getini("fsm_database_url")):
+    """The database URL from the option, the ini file or the environment (in that order).
+
+    The environment: ``FSM_TEST_DATABASE_URL``, ``DATABASE_URI``, or the ``DATABASE_SCHEME``,
+    ``DATABASE_HOST``... parts that ``FastAPISessionMaker()`` reads too.
+    """
+    for value in (_option(config), config.getini("fsm_database_url")):
         if value:
             return str(value)
     for variable in URL_VARIABLES:
         if os.environ.get(variable):
             return os.environ[variable]
+    if os.environ.get("DATABASE_SCHEME"):
+        from fastapi_sessionmaker._settings import DatabaseSettings
+        from fastapi_sessionmaker.exceptions import ConfigurationError
+
+        try:
+            return DatabaseSettings().url().render_as_string(hide_password=False)
+        except ConfigurationError as exc:
+            raise pytest.UsageError(str(exc)) from None
     return None
 
 
@@ -148,6 +219,7 @@ def join_connection(makers: list[Any], connection: Any) -> Iterator[None]:
         >>> with engine.connect() as connection, join_connection([maker], connection):
         ...     maker.cached_engine is engine
         True
+        >>> engine.dispose()
     """
     for maker in makers:
         maker.join(connection)
@@ -164,10 +236,18 @@ def _leave(makers: list[Any]) -> None:
 
 # -- configuration fixtures (override them in your conftest.py) -------------------------------
 @pytest.fixture(scope="session")
-def fsm_app(pytestconfig: pytest.Config) -> FastAPI | None:
-    """The app under test, from the ``fsm_app`` ini option; override it to build the app yourself."""
-    spec = pytestconfig.getini("fsm_app")
-    return load_object(spec, "fsm_app") if spec else None
+def fsm_app(request: pytest.FixtureRequest) -> FastAPI | None:
+    """The app under test, from the ``fsm_app`` ini option; override it to build the app yourself.
+
+    The test database exists before the app's module is imported, so code that runs at import
+    (``Base.metadata.create_all(db.cached_engine)``) finds it through ``DATABASE_URI``.
+    """
+    spec = request.config.getini("fsm_app")
+    if not spec:
+        return None
+    request.getfixturevalue("fsm_database")
+    app: FastAPI = load_object(spec, "fsm_app")
+    return app
 
 
 @pytest.fixture(scope="session")
@@ -183,11 +263,13 @@ def fsm_database(pytestconfig: pytest.Config) -> Iterator[TestDatabase]:
     from fastapi_sessionmaker.exceptions import ConfigurationError
     from fastapi_sessionmaker.testing._database import TestDatabase
 
-    url = configured_url(pytestconfig) or DEFAULT_URL
-    try:
-        database = TestDatabase(url, create=pytestconfig.getini("fsm_create_database"))
-    except ConfigurationError as exc:
-        raise pytest.UsageError(str(exc)) from None
+    database = pytestconfig.stash.get(_DATABASE, None)
+    if database is None:  # the plugin is not active: the fixture was asked for all the same
+        url = configured_url(pytestconfig) or DEFAULT_URL
+        try:
+            database = TestDatabase(url, create=pytestconfig.getini("fsm_create_database"))
+        except ConfigurationError as exc:
+            raise pytest.UsageError(str(exc)) from None
     database.setup()
     try:
         yield database
@@ -211,6 +293,7 @@ def fsm_engine(fsm_database: TestDatabase, fsm_metadata: sa.MetaData | None) -> 
                 fsm_metadata.create_all(connection)
         yield engine
     finally:
+        fsm_database.close_keeper()
         engine.dispose()
 
 
@@ -256,22 +339,47 @@ def _fsm_join_app(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
 
 
+def _refuse_sync_fixtures(app: FastAPI, request: pytest.FixtureRequest, client: str) -> None:
+    """Stop a test that takes ``fsm_session`` / ``fsm_connection`` beside an async-only app.
+
+    Those are a sync connection of their own, while the app's async makers work on the test's
+    async connection: the test would see nothing the app wrote, and on PostgreSQL and MariaDB
+    the two connections would wait on each other's row locks (for ever, within one test).
+    """
+    if _makers(app, is_async=False) or not _makers(app, is_async=True):
+        return
+    for fixture in ("fsm_session", "fsm_connection"):
+        if fixture in request.fixturenames:
+            raise pytest.UsageError(
+                f"{fixture} cannot be used with {client}: the app's makers are all async "
+                f"(AsyncFastAPISessionMaker) and work on the test's async connection, while {fixture} "
+                "is a sync connection of its own: it would not see what the app wrote and could wait "
+                "for the app's locks for ever. Write the test as `async def` with "
+                "fsm_async_client + fsm_async_session (anyio's pytest plugin runs it), or use "
+                "fsm_client alone and check the results through the app."
+            )
+
+
 @pytest.fixture
-def fsm_client(
-    fsm_app: FastAPI | None, fsm_connection: sa.Connection, request: pytest.FixtureRequest
-) -> Iterator[TestClient]:
-    """A started ``TestClient`` for the app; every maker of the app works in the test's transaction."""
+def fsm_client(fsm_app: FastAPI | None, request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """A started ``TestClient`` for the app; every maker of the app works in the test's transaction.
+
+    With an async-only app, ``fsm_session`` and ``fsm_connection`` cannot see what the app writes:
+    asking for them beside ``fsm_client`` is a usage error that names the async fixtures.
+    """
     from fastapi.testclient import TestClient
 
     if fsm_app is None:
         raise pytest.UsageError(
             "fsm_client needs the app: set fsm_app in the ini options or override the fsm_app fixture"
         )
+    _refuse_sync_fixtures(fsm_app, request, "fsm_client")
     sync_makers = _makers(fsm_app, is_async=False)
     async_makers = _makers(fsm_app, is_async=True)
     async_engine: AsyncEngine | None = request.getfixturevalue("fsm_async_engine") if async_makers else None
     with contextlib.ExitStack() as stack:
-        stack.enter_context(join_connection(sync_makers, fsm_connection))
+        if sync_makers:
+            stack.enter_context(join_connection(sync_makers, request.getfixturevalue("fsm_connection")))
         stack.callback(_leave, async_makers)
         for maker in async_makers:  # the app's start-up check connects to the test database
             maker.join(engine=async_engine)
@@ -329,7 +437,7 @@ async def fsm_async_session(fsm_async_connection: AsyncConnection) -> AsyncItera
 
 @pytest.fixture
 async def fsm_async_client(
-    fsm_app: FastAPI | None, fsm_async_connection: AsyncConnection
+    fsm_app: FastAPI | None, fsm_async_connection: AsyncConnection, request: pytest.FixtureRequest
 ) -> AsyncIterator[httpx.AsyncClient]:
     """An ``httpx.AsyncClient`` calling the app in-process (no lifespan), in the test's transaction."""
     import httpx
@@ -338,6 +446,7 @@ async def fsm_async_client(
         raise pytest.UsageError(
             "fsm_async_client needs the app: set fsm_app in the ini options or override the fsm_app fixture"
         )
+    _refuse_sync_fixtures(fsm_app, request, "fsm_async_client")
     transport = httpx.ASGITransport(app=fsm_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield client
