@@ -1,14 +1,14 @@
-"""Ratio benchmarks: this library against the FastAPI tutorial pattern, a bare app and the peers.
+"""Throughput ratios: this library against the FastAPI tutorial pattern and a bare app.
 
 Usage::
 
-    .venv/bin/python benchmarks/run.py            # full run (~25 min): SQLite + PostgreSQL, peers
-    .venv/bin/python benchmarks/run.py --smoke    # a few seconds: SQLite, ours + tutorial (CI)
+    .venv/bin/python benchmarks/throughput.py            # full run: SQLite + PostgreSQL
+    .venv/bin/python benchmarks/throughput.py --smoke    # a few seconds: SQLite (CI)
+    .venv/bin/python benchmarks/throughput.py --peers    # also the peer libraries (benchmarks/peers/)
 
 Every approach is a tiny app in ``benchmarks/apps/`` served by uvicorn (one worker, 127.0.0.1,
-no access log) from its own virtualenv (peers: ``benchmarks/setup_peers.py``, run automatically
-when one is missing). Load comes from another process: ``wrk`` when installed (installed with
-apt-get when missing and running as root, full runs only), else ``benchmarks/loadgen.py``.
+no access log) in a process of its own (``serve.py``: the test suite's ``Server`` helper).
+Load comes from another process: ``wrk`` (``scripts/install-wrk``), else ``loadgen.py``.
 Approaches are interleaved (A B C A B C ...), each round in a rotated order, and repeated; the
 tables give medians, and each ratio is the median over rounds of the approach's throughput
 divided by its baseline's *in the same round*: the tutorial pattern of the same kind (sync or
@@ -30,81 +30,45 @@ import datetime as dt
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-APPS = HERE / "apps"
-RESULTS = HERE / "results"
+import loadgen
+from harness import (
+    APPROACHES,
+    BY_NAME,
+    ENDPOINTS,
+    HERE,
+    OWN_PYTHON,
+    RESULTS,
+    ROOT,
+    Approach,
+    Database,
+    app_path,
+    count_rows,
+    drop_database,
+    fmt,
+    machine,
+    median_ratio,
+    prepare_database,
+    python_for,
+    rotated,
+)
+
 DOCS_PAGE = ROOT / "docs" / "benchmarks.md"
-sys.path.insert(0, str(HERE))
-
-import setup_peers  # noqa: E402  (benchmarks/ is not a package)
-
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-PG_DB = f"fsm_bench_{os.getpid()}"  # one per run: runs side by side (a smoke test) do not collide
-ROWS = 10_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True)
-class Approach:
-    """One app: ``apps/<module>.py`` run by ``peer``'s virtualenv (``None``: the project's)."""
-
-    name: str
-    module: str
-    kind: str  # "sync", "async" or "bare"
-    peer: str | None = None
-    ours: bool = False
-
-    @property
-    def baseline(self) -> str:
-        return {"sync": "tutorial-sync", "async": "tutorial-async"}.get(self.kind, "bare")
-
-
-APPROACHES = [
-    Approach("ours-sync", "self_sync", "sync", ours=True),
-    Approach("ours-async", "self_async", "async", ours=True),
-    Approach("tutorial-sync", "tutorial_sync", "sync"),
-    Approach("tutorial-async", "tutorial_async", "async"),
-    Approach("bare", "bare", "bare"),
-    Approach("fastapi-utils", "peer_fastapi_utils", "sync", peer="fastapi-utils"),
-    Approach("fastapi-sqla", "peer_fastapi_sqla", "sync", peer="fastapi-sqla"),
-    Approach("fastsqla", "peer_fastsqla", "async", peer="fastsqla"),
-    Approach(
-        "fastapi-async-sqlalchemy",
-        "peer_fastapi_async_sqlalchemy",
-        "async",
-        peer="fastapi-async-sqlalchemy",
-    ),
-    Approach("advanced-alchemy", "peer_advanced_alchemy", "async", peer="advanced-alchemy"),
-]
-BY_NAME = {a.name: a for a in APPROACHES}
 SMOKE_APPROACHES = ["ours-sync", "ours-async", "tutorial-sync"]
 OVERSUB_APPROACHES = ["ours-sync", "ours-async", "tutorial-sync", "tutorial-async"]
-ENDPOINTS = {"get": "GET /items/{id}", "post": "POST /items", "ping": "GET /ping (no database)"}
-
-
-@dataclass(frozen=True)
-class Database:
-    name: str
-    sync_url: str
-    async_url: str
 
 
 @dataclass(frozen=True)
@@ -154,153 +118,41 @@ class Run:
     hops: dict[str, Any] = field(default_factory=dict)
 
 
-# -- databases ---------------------------------------------------------------------------------
-
-
-def prepare_database(name: str) -> Database:
-    """Recreate the benchmark database with ``items`` holding ``ROWS`` rows."""
-    if name == "sqlite":
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"bench-sqlite-{os.getpid()}.db"
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        db = Database(name, f"sqlite:///{path}", f"sqlite+aiosqlite:///{path}")
-    elif name == "postgresql":
-        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-        with admin.connect() as connection:
-            connection.execute(sa.text(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)"))
-            connection.execute(sa.text(f"CREATE DATABASE {PG_DB}"))
-        admin.dispose()
-        db = Database(
-            name,
-            f"postgresql+psycopg://postgres@127.0.0.1:5432/{PG_DB}",
-            f"postgresql+asyncpg://postgres@127.0.0.1:5432/{PG_DB}",
-        )
-    else:
-        raise SystemExit(f"unknown database {name!r}: use sqlite or postgresql")
-    engine = sa.create_engine(db.sync_url, poolclass=sa.NullPool)
-    with engine.begin() as connection:
-        if name == "sqlite":
-            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
-        connection.exec_driver_sql(
-            "CREATE TABLE items (id INTEGER PRIMARY KEY "
-            + ("GENERATED BY DEFAULT AS IDENTITY" if name == "postgresql" else "")
-            + ", name VARCHAR(100) NOT NULL, value INTEGER NOT NULL)"
-        )
-        connection.execute(
-            sa.text("INSERT INTO items (id, name, value) VALUES (:id, :name, :value)"),
-            [{"id": i, "name": f"item {i}", "value": i} for i in range(1, ROWS + 1)],
-        )
-    with engine.begin() as connection:
-        if name == "postgresql":
-            connection.exec_driver_sql(f"SELECT setval(pg_get_serial_sequence('items', 'id'), {ROWS})")
-            connection.exec_driver_sql("ANALYZE items")
-    engine.dispose()
-    return db
-
-
-def drop_database(name: str) -> None:
-    if name == "sqlite":
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{RESULTS / f'bench-sqlite-{os.getpid()}.db'}{suffix}").unlink(missing_ok=True)
-    elif name == "postgresql":
-        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-        with admin.connect() as connection:
-            connection.execute(sa.text(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)"))
-        admin.dispose()
-
-
-def count_rows(db: Database) -> int:
-    engine = sa.create_engine(db.sync_url, poolclass=sa.NullPool)
-    try:
-        with engine.connect() as connection:
-            return int(connection.execute(sa.text("SELECT count(*) FROM items")).scalar_one())
-    finally:
-        engine.dispose()
-
-
 # -- servers -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-OWN_PYTHON = [Path(sys.executable)]
-"""The interpreter of ours, the tutorial and bare: this one (smoke), or the ``project`` venv."""
-
-
-def python_for(approach: Approach) -> Path:
-    if approach.peer is None:
-        return OWN_PYTHON[0]
-    return setup_peers.venv_python(approach.peer)
-
-
-def use_project_venv() -> None:
-    """Run ours, the tutorial and bare from ``benchmarks/.venvs/project`` (the peers' Python)."""
-    if not setup_peers.venv_python("project").exists():
-        setup_peers.main(["project"])
-    if setup_peers.peer_status("project").get("ok"):
-        OWN_PYTHON[0] = setup_peers.venv_python("project")
-    else:
-        print("project venv not available: ours, tutorial and bare run on this interpreter", flush=True)
-
-
-class Server:
-    """``uvicorn apps/<module>:app`` in a subprocess, with its CPU time and peak RSS."""
+class BenchServer:
+    """``serve.py <module>`` in a process of its own (the approach's Python), with its CPU and RSS."""
 
     def __init__(self, approach: Approach, db: Database, pool_size: int, pool_timeout: float) -> None:
-        self.approach = approach
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ)
-        env.update(
-            BENCH_SYNC_URL=db.sync_url,
-            BENCH_ASYNC_URL=db.async_url,
-            BENCH_POOL_SIZE=str(pool_size),
-            BENCH_POOL_TIMEOUT=str(pool_timeout),
-            PYTHONDONTWRITEBYTECODE="1",
-        )
-        env.pop("PYTHONPATH", None)
+        env = {
+            **os.environ,
+            **db.env(),
+            "BENCH_POOL_SIZE": str(pool_size),
+            "BENCH_POOL_TIMEOUT": str(pool_timeout),
+            "PYTHONPATH": app_path(approach),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
         self.log = tempfile.TemporaryFile()  # noqa: SIM115  (closed by stop())
         self.process = subprocess.Popen(
-            [
-                str(python_for(approach)),
-                "-m",
-                "uvicorn",
-                f"{approach.module}:app",
-                "--app-dir",
-                str(APPS),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
+            [str(python_for(approach)), str(HERE / "serve.py"), approach.module],
             env=env,
-            cwd=str(APPS),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
         )
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout:.0f} s: {self.output()}")
+        assert self.process.stdout is not None
+        # serve.py prints the URL once uvicorn has started (or exits: then the line is empty)
+        line = self.process.stdout.readline()
+        if not line.startswith("LISTENING "):
+            self.stop()
+            raise RuntimeError(f"server did not start: {line.strip()} {self.output()}")
+        self.url = line.split()[1]
 
     def output(self) -> str:
+        if self.log.closed:
+            return ""
         self.log.seek(0)
         return self.log.read().decode(errors="replace")[-2000:]
 
@@ -316,20 +168,23 @@ class Server:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            with contextlib.suppress(OSError):
+                assert self.process.stdin is not None
+                self.process.stdin.close()  # serve.py stops uvicorn and exits
             try:
-                self.process.wait(timeout=5)
+                self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         self.log.close()
 
 
 @contextlib.contextmanager
-def serving(approach: Approach, db: Database, pool_size: int, pool_timeout: float) -> Iterator[Server]:
-    server = Server(approach, db, pool_size, pool_timeout)
+def serving(approach: Approach, db: Database, pool_size: int, pool_timeout: float) -> Iterator[BenchServer]:
+    server = BenchServer(approach, db, pool_size, pool_timeout)
     try:
-        server.wait_ready()
         yield server
     finally:
         server.stop()
@@ -337,114 +192,22 @@ def serving(approach: Approach, db: Database, pool_size: int, pool_timeout: floa
 
 # -- load --------------------------------------------------------------------------------------
 
-_WRK_SCRIPT = """
-math.randomseed(os.time())
-local kind = "%s"
-if kind == "post" then
-  wrk.method = "POST"
-  wrk.body = '{"name":"bench","value":1}'
-  wrk.headers["Content-Type"] = "application/json"
-end
-request = function()
-  if kind == "get" then
-    return wrk.format("GET", "/items/" .. math.random(1, %d))
-  elseif kind == "post" then
-    return wrk.format(nil, "/items")
-  end
-  return wrk.format("GET", "/ping")
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCHJSON {"requests":%%d,"duration_us":%%d,"non2xx":%%d,"errors":%%d,"timeouts":%%d,' ..
-    '"p50_us":%%d,"p99_us":%%d}\\n',
-    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
-    e.timeout, latency:percentile(50), latency:percentile(99)))
-end
-"""
+
+def choose_loadgen(wanted: str) -> str:
+    if wanted == "httpx":
+        return wanted
+    if loadgen.wrk_available():
+        return "wrk"
+    if wanted == "wrk":
+        raise SystemExit("wrk is not installed: run scripts/install-wrk (or pass --loadgen httpx)")
+    print(loadgen.NO_WRK, flush=True)
+    return "httpx"
 
 
-def ensure_wrk(allow_install: bool) -> bool:
-    if shutil.which("wrk"):
-        return True
-    if allow_install and os.geteuid() == 0 and shutil.which("apt-get"):
-        print("wrk not found: installing it with apt-get", flush=True)
-        subprocess.run(["apt-get", "update", "-qq"], check=False, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, timeout=600)
-    return shutil.which("wrk") is not None
-
-
-def drive(loadgen: str, url: str, kind: str, connections: int, duration: float) -> dict[str, float]:
-    """Load ``url`` for ``duration`` seconds; requests, non-2xx, errors, p50/p99 (ms)."""
-    if loadgen == "wrk":
-        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-            script.write(_WRK_SCRIPT % (kind, ROWS))
-        try:
-            out = subprocess.run(
-                [
-                    "wrk",
-                    "-t1",
-                    f"-c{connections}",
-                    f"-d{max(1, round(duration))}s",
-                    "--timeout",
-                    "10s",
-                    "-s",
-                    script.name,
-                    url,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=duration + 60,
-                check=False,
-            )
-        finally:
-            os.unlink(script.name)
-        line = next((x for x in out.stdout.splitlines() if x.startswith("BENCHJSON ")), None)
-        if line is None:
-            raise RuntimeError(f"wrk failed: {out.stdout[-500:]} {out.stderr[-500:]}")
-        raw = json.loads(line.removeprefix("BENCHJSON "))
-        return {
-            "requests": raw["requests"],
-            "duration_s": raw["duration_us"] / 1e6,
-            "non2xx": raw["non2xx"],
-            "errors": raw["errors"],
-            "timeouts": raw["timeouts"],
-            "p50_ms": raw["p50_us"] / 1000,
-            "p99_ms": raw["p99_us"] / 1000,
-            "in_flight_at_stop": connections,
-        }
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "loadgen.py"),
-            url,
-            "--kind",
-            kind,
-            "--connections",
-            str(connections),
-            "--duration",
-            str(duration),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=duration + 120,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"loadgen failed: {out.stderr[-1000:]}")
-    result: dict[str, float] = json.loads(out.stdout)
-    return result
-
-
-def measure(
-    run: Run,
-    server: Server,
-    db: Database,
-    cell: Cell,
-    connections: int,
-) -> None:
+def measure(run: Run, server: BenchServer, db: Database, cell: Cell, connections: int) -> None:
     s = run.settings
     before = count_rows(db) if cell.endpoint == "post" else 0
+    drive = loadgen.drive
     warm = drive(s.loadgen, server.url, cell.endpoint, connections, s.warmup) if s.warmup > 0 else None
     cpu0 = server.cpu_seconds()
     load = drive(s.loadgen, server.url, cell.endpoint, connections, s.duration)
@@ -476,25 +239,6 @@ def measure(
 # -- the run -----------------------------------------------------------------------------------
 
 
-def available(run: Run, approach: Approach) -> bool:
-    if approach.name in run.skipped:
-        return False
-    if approach.peer is None:
-        return True
-    status = setup_peers.peer_status(approach.peer)
-    if not status.get("ok"):
-        run.skipped[approach.name] = str(status.get("note", "not available"))
-        return False
-    if status.get("note"):
-        run.notes[approach.name] = str(status["note"])
-    return True
-
-
-def rotated(names: list[str], rep: int) -> list[str]:
-    k = rep % len(names) if names else 0
-    return names[k:] + names[:k]
-
-
 def endpoints_for(approach: Approach, db_index: int) -> list[str]:
     # The endpoint without database is measured once per round (with the first database).
     if approach.kind == "bare":
@@ -515,46 +259,33 @@ def run_all(run: Run, databases: dict[str, Database]) -> None:
     s = run.settings
     for rep in range(s.repeats):
         for db_index, db_name in enumerate(s.dbs):
-            db = databases[db_name]
             for name in rotated(s.approaches, rep):
-                approach = BY_NAME[name]
-                endpoints = endpoints_for(approach, db_index)
-                if not endpoints or not available(run, approach):
-                    continue
-                serve_one(run, approach, db, endpoints, rep, "main", s.pool_size, s.connections, 30.0)
+                endpoints = endpoints_for(BY_NAME[name], db_index)
+                if endpoints:
+                    serve_one(run, name, databases[db_name], endpoints, rep, "main")
         for db_name in s.dbs:
-            db = databases[db_name]
             for name in rotated(s.oversub_approaches, rep):
-                approach = BY_NAME[name]
-                if available(run, approach):
-                    serve_one(
-                        run, approach, db, ["get"], rep, "oversub", s.oversub_pool, s.oversub_connections, 5.0
-                    )
+                serve_one(run, name, databases[db_name], ["get"], rep, "oversub")
 
 
-def serve_one(
-    run: Run,
-    approach: Approach,
-    db: Database,
-    endpoints: list[str],
-    rep: int,
-    scenario: str,
-    pool_size: int,
-    connections: int,
-    pool_timeout: float,
-) -> None:
+def serve_one(run: Run, name: str, db: Database, endpoints: list[str], rep: int, scenario: str) -> None:
+    s = run.settings
+    main = scenario == "main"
+    pool_size = s.pool_size if main else s.oversub_pool
+    connections = s.connections if main else s.oversub_connections
+    pool_timeout = 30.0 if main else 5.0
     try:
-        with serving(approach, db, pool_size, pool_timeout) as server:
+        with serving(BY_NAME[name], db, pool_size, pool_timeout) as server:
             for endpoint in endpoints:
-                cell = Cell(scenario, rep, db.name, endpoint, approach.name)
+                cell = Cell(scenario, rep, db.name, endpoint, name)
                 measure(run, server, db, cell, connections)
                 run.cells.append(cell)
                 progress(cell)
-            key = f"{approach.name}/{db.name}"
+            key = f"{name}/{db.name}"
             run.peak_rss_mb[key] = max(run.peak_rss_mb.get(key, 0.0), server.peak_rss_mb())
     except RuntimeError as exc:
         for endpoint in endpoints:
-            cell = Cell(scenario, rep, db.name, endpoint, approach.name, ok=False, note=str(exc)[:300])
+            cell = Cell(scenario, rep, db.name, endpoint, name, ok=False, note=str(exc)[:300])
             run.cells.append(cell)
             progress(cell)
 
@@ -565,25 +296,19 @@ def serve_one(
 def summarize(run: Run) -> list[dict[str, Any]]:
     """One row per (scenario, db, endpoint, approach): medians and the median per-round ratio."""
     groups: dict[tuple[str, str, str, str], list[Cell]] = {}
+    rounds: dict[tuple[str, str, str], dict[int, dict[str, float]]] = {}
     for cell in run.cells:
         groups.setdefault((cell.scenario, cell.db, cell.endpoint, cell.approach), []).append(cell)
+        # /ping is measured once per round, with the first database: its baseline is found there
+        db = "-" if cell.endpoint == "ping" else cell.db
+        rounds.setdefault((cell.scenario, db, cell.endpoint), {}).setdefault(cell.rep, {})[cell.approach] = (
+            cell.rps
+        )
     rows = []
     for (scenario, db, endpoint, name), cells in groups.items():
         approach = BY_NAME[name]
-        baseline = "bare" if endpoint == "ping" else approach.baseline
-        ratios = []
-        for cell in cells:
-            base = next(
-                (
-                    c
-                    for c in run.cells
-                    if (c.scenario, c.db, c.endpoint, c.approach, c.rep)
-                    == (scenario, db if endpoint != "ping" else c.db, endpoint, baseline, cell.rep)
-                ),
-                None,
-            )
-            if base is not None and base.rps > 0:
-                ratios.append(cell.rps / base.rps)
+        baseline = approach.baseline(endpoint)
+        per_round = list(rounds[(scenario, "-" if endpoint == "ping" else db, endpoint)].values())
         rss_db = db if endpoint != "ping" else run.settings.dbs[0]
         rows.append(
             {
@@ -595,7 +320,7 @@ def summarize(run: Run) -> list[dict[str, Any]]:
                 "baseline": baseline,
                 "rounds": len(cells),
                 "rps": statistics.median(c.rps for c in cells),
-                "ratio": statistics.median(ratios) if ratios else None,
+                "ratio": median_ratio(per_round, name, baseline),
                 "p50_ms": statistics.median(c.p50_ms for c in cells),
                 "p99_ms": statistics.median(c.p99_ms for c in cells),
                 "cpu_us_per_req": statistics.median(c.cpu_us_per_req for c in cells),
@@ -621,14 +346,14 @@ def check_targets(run: Run, rows: list[dict[str, Any]]) -> list[tuple[str, bool 
     main = {(r["db"], r["endpoint"], r["approach"]): r for r in rows if r["scenario"] == "main"}
     targets: list[tuple[str, bool | None, str]] = []
     for ours in ("ours-sync", "ours-async"):
-        kind = BY_NAME[ours].kind
+        approach = BY_NAME[ours]
         for db in run.settings.dbs:
             for endpoint in ("get", "post"):
                 row = main.get((db, endpoint, ours))
                 ratio = row["ratio"] if row else None
                 targets.append(
                     (
-                        f"{ours} >= 1.00x tutorial-{kind}, {db} {endpoint}",
+                        f"{ours} >= 1.00x {approach.baseline(endpoint)}, {db} {endpoint}",
                         None if ratio is None else ratio >= 1.0,
                         "not measured" if ratio is None else f"{ratio:.2f}x",
                     )
@@ -636,14 +361,14 @@ def check_targets(run: Run, rows: list[dict[str, Any]]) -> list[tuple[str, bool 
                 peers = [
                     main[(db, endpoint, a.name)]
                     for a in APPROACHES
-                    if a.peer and a.kind == kind and (db, endpoint, a.name) in main
+                    if a.peer and a.kind == approach.kind and (db, endpoint, a.name) in main
                 ]
                 peers = [p for p in peers if p["ratio"] is not None]
                 if peers and ratio is not None:
                     best = max(peers, key=lambda p: p["ratio"])
                     targets.append(
                         (
-                            f"{ours} ahead of {kind} peers, {db} {endpoint}",
+                            f"{ours} ahead of {approach.kind} peers, {db} {endpoint}",
                             all(ratio > p["ratio"] for p in peers),
                             f"{ratio:.2f}x vs best peer {best['approach']} {best['ratio']:.2f}x",
                         )
@@ -669,10 +394,6 @@ def check_targets(run: Run, rows: list[dict[str, Any]]) -> list[tuple[str, bool 
                 )
             )
     return targets
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def markdown(run: Run, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -730,31 +451,10 @@ def markdown(run: Run, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def versions(run: Run) -> dict[str, dict[str, str]]:
-    names = ["fastapi", "starlette", "sqlalchemy", "pydantic", "uvicorn"]
-    own = {"python": platform.python_version()}
-    own.update({n: metadata.version(n) for n in names})
-    own["fastapi-sessionmaker"] = metadata.version("fastapi-sessionmaker")
-    if OWN_PYTHON[0] != Path(sys.executable):
-        own = dict(setup_peers.peer_status("project").get("versions", own))  # type: ignore[call-overload]
-    out = {"ours, tutorial, bare": own}
-    for approach in APPROACHES:
-        if approach.peer and any(c.approach == approach.name for c in run.cells):
-            status = setup_peers.peer_status(approach.peer)
-            if status.get("versions"):
-                out[approach.name] = dict(status["versions"])  # type: ignore[call-overload]
-    return out
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return {"cpu": cpu, "nproc": os.cpu_count(), "loadavg": load, "system": platform.platform()}
+def own_versions() -> dict[str, str]:
+    """The versions the approaches without a virtualenv of their own run on (this interpreter)."""
+    names = ["fastapi", "starlette", "sqlalchemy", "pydantic", "uvicorn", "fastapi-sessionmaker"]
+    return {"python": platform.python_version(), **{n: metadata.version(n) for n in names}}
 
 
 def count_hops(approaches: list[str]) -> dict[str, Any]:
@@ -768,7 +468,6 @@ def count_hops(approaches: list[str]) -> dict[str, Any]:
         text=True,
         timeout=120,
         check=False,
-        cwd=str(APPS),
     )
     if out.returncode != 0:
         print(f"hop count failed: {out.stderr[-500:]}", flush=True)
@@ -778,10 +477,12 @@ def count_hops(approaches: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Ratio benchmarks (see the module docstring).")
+    parser = argparse.ArgumentParser(description="Throughput ratios (see the module docstring).")
     parser.add_argument("--smoke", action="store_true", help="a few seconds: SQLite, ours + tutorial")
+    parser.add_argument("--peers", action="store_true", help="also the peer libraries (benchmarks/peers/)")
+    parser.add_argument("--setup", action="store_true", help="with --peers: (re)install every peer first")
     parser.add_argument("--db", action="append", choices=["sqlite", "postgresql"], help="databases")
-    parser.add_argument("--approach", action="append", choices=list(BY_NAME), help="approaches")
+    parser.add_argument("--approach", action="append", help="approach names (repeatable)")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--duration", type=float, help="seconds per cell")
     parser.add_argument("--warmup", type=float)
@@ -789,17 +490,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool-size", type=int, default=10)
     parser.add_argument("--loadgen", choices=["auto", "wrk", "httpx"], default="auto")
     parser.add_argument("--no-oversub", action="store_true", help="skip the oversubscription cells")
-    parser.add_argument("--setup", action="store_true", help="(re)install every peer first")
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md (full run)")
     args = parser.parse_args(argv)
 
     smoke = args.smoke
+    skipped: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    if args.peers:
+        import peers  # opt-in: installs each peer into its own virtualenv on first use
+
+        skipped, notes = peers.enable(force=args.setup)
+    unknown = sorted(set(args.approach or []) - set(BY_NAME) - set(skipped))
+    if unknown:
+        parser.error(f"unknown approach {', '.join(unknown)}: choose from {', '.join(BY_NAME)}")
     approaches = args.approach or (SMOKE_APPROACHES if smoke else [a.name for a in APPROACHES])
-    loadgen = args.loadgen
-    if loadgen == "auto":
-        loadgen = "wrk" if ensure_wrk(allow_install=not smoke) else "httpx"
-    elif loadgen == "wrk" and not ensure_wrk(allow_install=True):
-        raise SystemExit("wrk is not installed")
+    approaches = [a for a in approaches if a not in skipped]
     settings = Settings(
         dbs=args.db or (["sqlite"] if smoke else ["sqlite", "postgresql"]),
         approaches=approaches,
@@ -813,19 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         pool_size=args.pool_size,
         oversub_pool=2,
         oversub_connections=64,
-        loadgen=loadgen,
+        loadgen=choose_loadgen(args.loadgen),
     )
-    peers = sorted({BY_NAME[a].peer for a in approaches if BY_NAME[a].peer})
-    if not smoke:
-        peers.append("project")
-    missing = [p for p in peers if args.setup or not setup_peers.venv_python(p).exists()]
-    if missing:
-        print(f"setting up peers: {', '.join(missing)}", flush=True)
-        setup_peers.main([*missing, *(["--force"] if args.setup else [])])
-
-    if not smoke:
-        use_project_venv()
-    run = Run(settings)
+    run = Run(settings, skipped=skipped, notes={a: n for a, n in notes.items() if a in approaches})
     started = time.monotonic()
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
     print(f"benchmark: {asdict(settings)}", flush=True)
@@ -837,7 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in settings.dbs:
             with contextlib.suppress(Exception):
                 drop_database(name)
-    meta["versions"] = versions(run)
+    own = peers.project_versions() if args.peers and OWN_PYTHON[0] != Path(sys.executable) else None
+    meta["versions"] = {"ours and the baselines": own or own_versions()}
+    if args.peers:
+        meta["versions"].update(peers.versions(approaches))
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     rows = summarize(run)
     table = markdown(run, rows, meta)
@@ -858,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     if args.docs:
-        write_docs(table, meta)
+        write_docs(table, peers=args.peers)
     ours_ok = all(c.ok for c in run.cells if BY_NAME[c.approach].ours)
     base_ok = all(c.ok for c in run.cells if c.scenario == "main" and not BY_NAME[c.approach].peer)
     print(f"correctness check: {'PASSED' if ours_ok and base_ok else 'FAILED'}")
@@ -874,28 +572,34 @@ APPS_NOTE = (
     " connections are caught by its socket check on checkout, no round trip);"
     " the tutorial pattern as in the FastAPI docs (`Depends(get_db)`, `commit()` then"
     " `refresh()` in the POST; the async one is the same code on `AsyncSession`; no dead-connection"
-    " handling); the peers with their own commit at the end of the request (fastapi-utils' `get_db`"
-    " with the `pool_pre_ping=True` its `get_engine` sets, fastapi-sqla's middleware, FastSQLA's"
-    " `Session`, fastapi-async-sqlalchemy with `commit_on_exit=True`, advanced-alchemy with"
-    " `commit_mode='autocommit'`). Every approach runs on the same Python (3.12 when installed, as"
-    " FastSQLA needs it) in its own virtualenv. The machine is shared: read the ratios, which"
-    " compare cells measured next to each other, not the absolute numbers.\n\n"
+    " handling). Every approach is served by the same harness (`benchmarks/serve.py`, the test"
+    " suite's uvicorn helper), so peak RSS includes the same test helpers for every approach."
+    " The machine is shared: read the ratios, which compare cells measured next to each other,"
+    " not the absolute numbers.\n\n"
+)
+PEERS_NOTE = (
+    "With `--peers` (`benchmarks/peers/`), the peers take part with their own commit at the end of"
+    " the request (fastapi-utils' `get_db` with the `pool_pre_ping=True` its `get_engine` sets,"
+    " fastapi-sqla's middleware, FastSQLA's `Session`, fastapi-async-sqlalchemy with"
+    " `commit_on_exit=True`, advanced-alchemy with `commit_mode='autocommit'`), and every approach"
+    " runs on the same Python (3.12 when installed, as FastSQLA needs it) in its own virtualenv.\n\n"
 )
 
 
-def write_docs(table: str, meta: dict[str, Any]) -> None:
-    DOCS_PAGE.parent.mkdir(parents=True, exist_ok=True)
+def write_docs(table: str, *, peers: bool) -> None:
+    compared = "a bare FastAPI app and the peers" if peers else "a bare FastAPI app"
+    flag = " --peers" if peers else ""
     DOCS_PAGE.write_text(
         "# Benchmarks\n\n"
         "Throughput of fastapi-sessionmaker against the FastAPI tutorial pattern (`SessionLocal` +"
-        " `get_db`, explicit `commit()`), a bare FastAPI app and the peers, measured by"
-        " `benchmarks/run.py` in one run: approaches interleaved, repeated, medians, and ratios to"
-        " the baseline measured in the same round. The numbers are this machine's; the ratios are"
-        " what the project claims.\n\n"
-        "Reproduce: `.venv/bin/python benchmarks/run.py --docs` (full, ~25 min; installs the peers"
-        " into `benchmarks/.venvs/`) or `.venv/bin/python benchmarks/run.py --smoke` (seconds)."
-        " The CPU each approach costs per request, measured in-process with no HTTP noise, is in"
-        " [benchmarks-cpu.md](benchmarks-cpu.md).\n\n" + APPS_NOTE + table
+        f" `get_db`, explicit `commit()`), {compared}, measured by `benchmarks/throughput.py` in one"
+        " run: approaches interleaved, repeated, medians, and ratios to the baseline measured in the"
+        " same round. The numbers are this machine's; the ratios are what the project claims.\n\n"
+        f"Reproduce: `scripts/install-wrk`, then `.venv/bin/python benchmarks/throughput.py{flag} --docs`"
+        " (full; with `--peers`, about 25 min, the peers installed into `benchmarks/peers/.venvs/`),"
+        " or `.venv/bin/python benchmarks/throughput.py --smoke` (seconds). The CPU each approach"
+        " costs per request, measured in-process with no HTTP noise, is in"
+        " [benchmarks-cpu.md](benchmarks-cpu.md).\n\n" + APPS_NOTE + (PEERS_NOTE if peers else "") + table
     )
 
 
