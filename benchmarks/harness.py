@@ -42,15 +42,24 @@ class Approach:
     peer: str | None = None  # the peer library (``peers/``), for its notes and versions
 
     def baseline(self, endpoint: str) -> str:
-        """The approach every ratio of this one is taken against, on ``endpoint``."""
+        """The reference of this approach's ratios on ``endpoint``: the best hand-written pattern
+        of the same kind for the database endpoints, the bare app for ``/ping``."""
         if endpoint == "ping" or self.kind == "bare":
             return "bare"
+        return f"handwritten-{self.kind}"
+
+    def second_baseline(self, endpoint: str) -> str | None:
+        """The tutorial pattern (commit + refresh), shown beside the reference; none for ``/ping``."""
+        if endpoint == "ping" or self.kind == "bare":
+            return None
         return f"tutorial-{self.kind}"
 
 
 APPROACHES = [
     Approach("ours-sync", "self_sync", "sync", ours=True),
     Approach("ours-async", "self_async", "async", ours=True),
+    Approach("handwritten-sync", "handwritten_sync", "sync"),
+    Approach("handwritten-async", "handwritten_async", "async"),
     Approach("tutorial-sync", "tutorial_sync", "sync"),
     Approach("tutorial-async", "tutorial_async", "async"),
     Approach("bare", "bare", "bare"),

@@ -27,13 +27,20 @@ def test_throughput_benchmark_smoke_mode_passes_its_correctness_check() -> None:
     output = run_smoke("throughput.py")
     assert "correctness check: PASSED" in output, output[-3000:]
     assert "| ours-sync | sync |" in output, output[-3000:]
+    # every ratio is taken against the best hand-written pattern; the tutorial's stands beside it
+    cells = [line.split("|") for line in output.splitlines() if "| ours-sync | sync |" in line]
+    ours = [row for row in cells if row[1].strip() == "main" and "(no database)" not in row[3]]
+    assert len(ours) == 2, cells  # GET and POST
+    for row in ours:
+        ratio, vs, tutorial = (cell.strip() for cell in row[7:10])
+        assert (vs, ratio != "-", tutorial != "-") == ("handwritten-sync", True, True), row
 
 
 def test_inprocess_cpu_benchmark_smoke_mode_measures_every_cell() -> None:
     output = run_smoke("inprocess.py")
     rows = [line for line in output.splitlines() if line.startswith("| sqlite |")]
-    # ours and the tutorial pattern, sync and async, on three endpoints; bare on /ping only
-    assert len(rows) == 4 * 3 + 1, output[-3000:]
+    # ours, the hand-written and the tutorial patterns, sync and async, on three endpoints; bare on /ping
+    assert len(rows) == 6 * 3 + 1, output[-3000:]
     for row in rows:
         cpu = float(row.split("|")[5].replace(",", ""))
         assert cpu > 0, row
