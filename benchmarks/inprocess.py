@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.peers:
         import peers  # opt-in: the same virtualenvs as ``throughput.py --peers``
 
-        skipped, _ = peers.enable()
+        skipped, _ = peers.enable(args.approach)
     if args.smoke:
         args.db, args.rounds, args.requests, args.warmup = ["sqlite"], 1, 30, 10
     names = [n for n in args.approach or [a.name for a in APPROACHES] if n not in skipped]

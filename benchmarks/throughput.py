@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.peers:
         import peers  # opt-in: installs each peer into its own virtualenv on first use
 
-        skipped, notes = peers.enable(force=args.setup)
+        skipped, notes = peers.enable(args.approach, force=args.setup)
     unknown = sorted(set(args.approach or []) - set(BY_NAME) - set(skipped))
     if unknown:
         parser.error(f"unknown approach {', '.join(unknown)}: choose from {', '.join(BY_NAME)}")

@@ -29,13 +29,15 @@ APPROACHES = [
 ]
 
 
-def enable(*, force: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+def enable(wanted: list[str] | None = None, *, force: bool = False) -> tuple[dict[str, str], dict[str, str]]:
     """Set up the virtualenvs that are missing (all with ``force``) and add the peers' approaches.
 
-    Returns ``(skipped, notes)``: the peers whose virtualenv failed, and what setup noted about
-    the others (both by approach name, for the tables).
+    ``wanted``: the approach names asked for (``None``: every peer); only their virtualenvs are
+    made. Returns ``(skipped, notes)``: the peers whose virtualenv failed, and what setup noted
+    about the others (both by approach name, for the tables).
     """
-    names = ["project", *(a.peer for a in APPROACHES if a.peer)]
+    chosen = [a for a in APPROACHES if wanted is None or a.name in wanted]
+    names = ["project", *(str(a.peer) for a in chosen)]
     missing = [n for n in names if force or not venv_python(n).exists()]
     if missing:
         print(f"setting up peers: {', '.join(missing)}", flush=True)
@@ -46,13 +48,13 @@ def enable(*, force: bool = False) -> tuple[dict[str, str], dict[str, str]]:
         print("project venv not available: ours, the baselines and bare run on this interpreter", flush=True)
     skipped: dict[str, str] = {}
     notes: dict[str, str] = {}
-    for approach in APPROACHES:
+    for approach in chosen:
         status = peer_status(str(approach.peer))
         if not status.get("ok"):
             skipped[approach.name] = str(status.get("note", "not available"))
         elif status.get("note"):
             notes[approach.name] = str(status["note"])
-    add_approaches([a for a in APPROACHES if a.name not in skipped])
+    add_approaches([a for a in chosen if a.name not in skipped])
     return skipped, notes
 
 
