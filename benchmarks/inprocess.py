@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         names.append("bare")  # the /ping baseline
     unknown = sorted(set(names) - set(BY_NAME))
     if unknown:
-        parser.error(f"unknown approach {', '.join(unknown)}: choose from {', '.join(BY_NAME)}")
+        parser.error(
+            f"unknown approach {', '.join(unknown)}: choose from {', '.join(BY_NAME)} (peers: --peers)"
+        )
     endpoints = args.endpoints.split(",")
     results: dict[tuple[str, str, str], list[float]] = {}
     rounds: dict[tuple[str, str], list[dict[str, float]]] = {}

@@ -514,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         skipped, notes = peers.enable(args.approach, force=args.setup)
     unknown = sorted(set(args.approach or []) - set(BY_NAME) - set(skipped))
     if unknown:
-        parser.error(f"unknown approach {', '.join(unknown)}: choose from {', '.join(BY_NAME)}")
+        parser.error(
+            f"unknown approach {', '.join(unknown)}: choose from {', '.join(BY_NAME)} (peers: --peers)"
+        )
     approaches = args.approach or (SMOKE_APPROACHES if smoke else [a.name for a in APPROACHES])
     approaches = [a for a in approaches if a not in skipped]
     settings = Settings(
