@@ -3,10 +3,11 @@
 Usage::
 
     .venv/bin/python benchmarks/inprocess.py                     # SQLite + PostgreSQL, ~3 min
+    .venv/bin/python benchmarks/inprocess.py --peers             # also the peers, ~10 min
     .venv/bin/python benchmarks/inprocess.py --db postgresql --endpoints get --rounds 9
     .venv/bin/python benchmarks/inprocess.py --smoke             # seconds (CI)
 
-``run.py`` measures what users see (throughput under ``wrk``); on a shared two-core machine its
+``throughput.py`` measures what users see (throughput under ``wrk``); on a shared two-core machine its
 ratios move by several per cent from round to round. This script isolates the session layer:
 each approach's app (``benchmarks/apps/``) is imported in a child process and called directly
 as an ASGI app on one asyncio loop, like uvicorn calls it (``receive`` waits on an event until
@@ -15,7 +16,9 @@ time (user + system, all threads) over a fixed number of requests after a warm-u
 process shares its counter, so the number moves far less than a throughput does.
 
 Approaches are interleaved and rotated over rounds; the table gives medians and the median
-per-round ratio to the tutorial pattern of the same kind (``bare`` for ``/ping``).
+per-round ratio to the best hand-written pattern of the same kind (``bare`` for ``/ping``),
+and beside it the ratio to the tutorial pattern (commit + refresh). ``--peers``
+adds the peer libraries (``benchmarks/peers/``), each from its own virtualenv.
 """
 
 from __future__ import annotations
@@ -33,8 +36,22 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-APPS = HERE / "apps"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+
+from harness import (
+    APPROACHES,
+    BY_NAME,
+    ENDPOINTS,
+    ROOT,
+    app_path,
+    drop_database,
+    fmt,
+    machine,
+    median_ratio,
+    prepare_database,
+    python_for,
+    rotated,
+)
 
 # -- child: drive one app ------------------------------------------------------------------------
 
@@ -113,8 +130,7 @@ def request_for(endpoint: str, n: int) -> tuple[str, str, bytes]:
 
 
 async def drive(module: str, endpoint: str, warmup: int, requests: int, concurrency: int) -> dict[str, float]:
-    sys.path.insert(0, str(APPS))
-    app = importlib.import_module(module).app
+    app = importlib.import_module(module).app  # found through PYTHONPATH (``harness.app_path``)
     shutdown, _ = await lifespan(app)
     counter = iter(range(10**9))
 
@@ -144,35 +160,18 @@ def child_main(args: argparse.Namespace) -> int:
 
 # -- parent: interleave, repeat, report ----------------------------------------------------------
 
-sys.path.insert(0, str(HERE))
 
-
-def child_command(
-    python: str, module: str, endpoint: str, warmup: int, requests: int, conc: int
-) -> list[str]:
-    return [
-        python,
-        str(Path(__file__).resolve()),
-        "--child",
-        module,
-        "--endpoint",
-        endpoint,
-        "--warmup",
-        str(warmup),
-        "--requests",
-        str(requests),
-        "--concurrency",
-        str(conc),
-    ]
-
-
-def run_child(command: list[str], env: dict[str, str]) -> dict[str, float]:
-    out = subprocess.run(
-        command, env=env, cwd=APPS, capture_output=True, text=True, timeout=1800, check=False
-    )
+def run_child(
+    python: str, module: str, endpoint: str, args: argparse.Namespace, env: dict[str, str]
+) -> float:
+    """CPU µs per request of ``module`` on ``endpoint``, measured by a child process."""
+    command = [python, str(Path(__file__).resolve()), "--child", module, "--endpoint", endpoint]
+    for option in ("warmup", "requests", "concurrency"):
+        command += [f"--{option}", str(getattr(args, option))]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[2:4])}: {(out.stderr or out.stdout).strip()[-1500:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"{module} {endpoint}: {(out.stderr or out.stdout).strip()[-1500:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["cpu_us"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", default="get", help=argparse.SUPPRESS)
     parser.add_argument("--db", action="append", choices=["sqlite", "postgresql"])
-    parser.add_argument("--approach", action="append", help="approach names as in run.py (repeatable)")
+    parser.add_argument("--approach", action="append", help="approach names as in throughput.py (repeatable)")
+    parser.add_argument("--peers", action="store_true", help="also the peer libraries (benchmarks/peers/)")
     parser.add_argument("--endpoints", default="get,post,ping")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=1000)
@@ -188,67 +188,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks-cpu.md")
-    parser.add_argument(
-        "--smoke", action="store_true", help="seconds: SQLite, ours + tutorial, this interpreter (CI)"
-    )
+    parser.add_argument("--smoke", action="store_true", help="seconds: SQLite, ours + the baselines (CI)")
     args = parser.parse_args(argv)
     if args.child:
         return child_main(args)
 
-    import run as bench  # the same databases, approaches and virtualenvs as the throughput run
+    skipped: dict[str, str] = {}  # peers whose virtualenv is missing or failed: named on the page
+    if args.peers:
+        import peers  # opt-in: the same virtualenvs as ``throughput.py --peers``
 
+        skipped, _ = peers.enable(args.approach)
     if args.smoke:
         args.db, args.rounds, args.requests, args.warmup = ["sqlite"], 1, 30, 10
-        args.approach = args.approach or ["ours-sync", "tutorial-sync", "ours-async", "tutorial-async"]
-        args.approach.append("bare")
-    else:
-        bench.use_project_venv()
-
-    rounds, requests = args.rounds, args.requests
-    wanted = args.approach or [a.name for a in bench.APPROACHES]
-    skipped: dict[str, str] = {}  # peers whose virtualenv is missing or failed: named on the page
-    for name in wanted:
-        peer = bench.BY_NAME[name].peer
-        status = bench.setup_peers.peer_status(peer) if peer else {"ok": True}
-        if not status.get("ok"):
-            skipped[name] = str(status.get("note", "not available"))
-    names = [n for n in wanted if n not in skipped]
+    names = [n for n in args.approach or [a.name for a in APPROACHES] if n not in skipped]
+    if "bare" not in names and "ping" in args.endpoints.split(","):
+        names.append("bare")  # the /ping baseline
+    unknown = sorted(set(names) - set(BY_NAME))
+    if unknown:
+        parser.error(
+            f"unknown approach {', '.join(unknown)}: choose from {', '.join(BY_NAME)} (peers: --peers)"
+        )
     endpoints = args.endpoints.split(",")
     results: dict[tuple[str, str, str], list[float]] = {}
-    ratios: dict[tuple[str, str, str], list[float]] = {}
-    unit = "CPU µs"
+    rounds: dict[tuple[str, str], list[dict[str, float]]] = {}
     for db_name in args.db or ["sqlite", "postgresql"]:
-        db = bench.prepare_database(db_name)
-        env = {**os.environ, "BENCH_SYNC_URL": db.sync_url, "BENCH_ASYNC_URL": db.async_url}
-        env.update(PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1")
+        db = prepare_database(db_name)
+        env = {**os.environ, **db.env(), "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
         try:
             for endpoint in endpoints:
-                for rep in range(rounds):
-                    this_round: dict[str, float] = {}
-                    for name in bench.rotated(names, rep):
-                        approach = bench.BY_NAME[name]
+                for rep in range(args.rounds):
+                    this_round: dict[str, float] = {}  # requests per CPU second: higher is better
+                    for name in rotated(names, rep):
+                        approach = BY_NAME[name]
                         if endpoint != "ping" and approach.kind == "bare":
                             continue
-                        python = str(bench.python_for(approach))
-                        command = child_command(
-                            python, approach.module, endpoint, args.warmup, requests, args.concurrency
-                        )
-                        value = run_child(command, env)["cpu_us"]
-                        this_round[name] = value
+                        env["PYTHONPATH"] = app_path(approach)
+                        value = run_child(str(python_for(approach)), approach.module, endpoint, args, env)
+                        this_round[name] = 1e6 / value
                         results.setdefault((db_name, endpoint, name), []).append(value)
-                        print(
-                            f"  r{rep + 1} {db_name:10} {endpoint:4} {name:26} {value:12.1f} {unit}/req",
-                            flush=True,
-                        )
-                    for name, value in this_round.items():
-                        base = "bare" if endpoint == "ping" else bench.BY_NAME[name].baseline
-                        if base in this_round:
-                            # > 1 means cheaper than the baseline (the same sense as a throughput ratio)
-                            ratios.setdefault((db_name, endpoint, name), []).append(this_round[base] / value)
+                        row = f"{db_name:10} {endpoint:4} {name:26} {value:12.1f}"
+                        print(f"  r{rep + 1} {row} CPU µs/req", flush=True)
+                    rounds.setdefault((db_name, endpoint), []).append(this_round)
         finally:
-            bench.drop_database(db_name)
+            drop_database(db_name)
     rows = []
     for (db_name, endpoint, name), values in results.items():
+        approach = BY_NAME[name]
+        baseline, second = approach.baseline(endpoint), approach.second_baseline(endpoint)
+        per_round = rounds[(db_name, endpoint)]
         rows.append(
             {
                 "db": db_name,
@@ -256,56 +243,65 @@ def main(argv: list[str] | None = None) -> int:
                 "approach": name,
                 "cpu_us": statistics.median(values),
                 "values": values,
-                "ratio": statistics.median(ratios.get((db_name, endpoint, name), [float("nan")])),
+                # > 1 means cheaper than the baseline (the same sense as a throughput ratio)
+                "ratio": median_ratio(per_round, name, baseline),
+                "ratio_tutorial": median_ratio(per_round, name, second) if second else None,
             }
         )
-    table = markdown(rows, bench)
+    table = markdown(rows)
     print("\n" + table)
     if args.json:
-        args.json.write_text(json.dumps({"requests": requests, "rounds": rounds, "rows": rows}, indent=2))
+        payload = {"requests": args.requests, "rounds": args.rounds, "rows": rows}
+        args.json.write_text(json.dumps(payload, indent=2))
     if args.docs:
-        write_docs(table, rounds, requests, skipped, bench)
+        write_docs(table, args.rounds, args.requests, skipped, peers=args.peers)
     return 0
 
 
-def markdown(rows: list[dict[str, Any]], bench: Any) -> str:
+def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| db | endpoint | approach | kind | CPU µs per request | ratio | vs |",
-        "|---|---|---|---|---:|---:|---|",
+        "| db | endpoint | approach | kind | CPU µs per request | ratio | vs | ratio to tutorial |",
+        "|---|---|---|---|---:|---:|---|---:|",
     ]
     for row in rows:
-        approach = bench.BY_NAME[row["approach"]]
-        base = "bare" if row["endpoint"] == "ping" else approach.baseline
+        approach = BY_NAME[row["approach"]]
         lines.append(
-            f"| {row['db']} | {bench.ENDPOINTS[row['endpoint']]} | {row['approach']} | {approach.kind}"
-            f" | {row['cpu_us']:,.1f} | {row['ratio']:.3f} | {base} |"
+            f"| {row['db']} | {ENDPOINTS[row['endpoint']]} | {row['approach']} | {approach.kind}"
+            f" | {row['cpu_us']:,.1f} | {fmt(row['ratio'], '.3f')} | {approach.baseline(row['endpoint'])}"
+            f" | {fmt(row['ratio_tutorial'], '.3f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def write_docs(table: str, rounds: int, requests: int, skipped_peers: dict[str, str], bench: Any) -> None:
-    meta = bench.machine()
+def write_docs(table: str, rounds: int, requests: int, skipped_peers: dict[str, str], *, peers: bool) -> None:
+    meta = machine()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     skipped = "".join(f"- {name}: {note}\n" for name, note in skipped_peers.items())
+    flag = " --peers" if peers else ""
     page = (
         "# CPU per request\n\n"
         "What each session layer costs, without HTTP parsing or a load generator: every app of"
         " `benchmarks/apps/` is called in-process as an ASGI app, like uvicorn calls it, against the"
         " real database, and its process CPU time (all threads) is divided by the requests served."
         " The ratio is the baseline's CPU over the approach's, per round, then the median: above 1.00"
-        " means cheaper than the tutorial pattern of the same kind (the bare app for `/ping`)."
+        " means cheaper than the best hand-written pattern of the same kind (`get_db` generator,"
+        " explicit `commit()`, no `refresh()`; the bare app for `/ping`); the last column is the same"
+        " against the FastAPI tutorial pattern (`commit()` then `refresh()`)."
         " Throughput under load is in [benchmarks.md](benchmarks.md).\n\n"
-        "Reproduce: `.venv/bin/python benchmarks/inprocess.py --docs"
+        f"Reproduce: `.venv/bin/python benchmarks/inprocess.py{flag} --docs"
         f" --rounds {rounds} --requests {requests}`"
-        " (about 10 minutes with these settings; the peers' virtualenvs are the ones `run.py` makes).\n\n"
+        " (about 10 minutes with these settings and the peers, whose virtualenvs are the ones"
+        " `throughput.py --peers` makes; `--smoke` runs in seconds).\n\n"
         f"Date: {date}. Machine: {meta['cpu']} ({meta['nproc']} CPUs shared, load average"
         f" {meta['loadavg']}), {meta['system']}. {rounds} interleaved rounds of {requests} requests"
-        " per cell, one at a time, after 200 of warm-up; every approach on the same Python in its"
-        " own virtualenv (see benchmarks.md for versions).\n\n" + table
+        " per cell, one at a time, after 200 of warm-up"
+        + ("; every approach on the same Python in its own virtualenv" if peers else "")
+        + " (see benchmarks.md for versions).\n\n"
+        + table
     )
     if skipped:
         page += "\nNot measured:\n\n" + skipped
-    (HERE.parent / "docs" / "benchmarks-cpu.md").write_text(page)
+    (ROOT / "docs" / "benchmarks-cpu.md").write_text(page)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""A small async HTTP load generator (httpx), used when ``wrk`` is not installed.
+"""Load from another process: ``wrk`` when it is installed, else a small httpx generator.
 
+:func:`drive` is what ``throughput.py`` calls. ``wrk`` comes from ``scripts/install-wrk``;
+without it, this file is run as the load process:
 ``python benchmarks/loadgen.py URL --kind get|post|ping --connections 16 --duration 3``
 prints one JSON object with the same fields the ``wrk`` driver reports. Unlike ``wrk`` it
 stops issuing requests at the deadline and waits for the ones in flight, so the number of 2xx
-answers to POSTs is exactly the number of writes acknowledged.
+answers to POSTs is exactly the number of writes acknowledged. It is slower than ``wrk`` and
+shares the two cores with the server: its numbers are for smoke runs and ratios, not absolutes.
 """
 
 from __future__ import annotations
@@ -11,13 +14,124 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
 BODY = {"name": "bench", "value": 1}
+ROWS = 10_000  # the ids GET asks for: 1..ROWS (``harness.ROWS``)
+NO_WRK = (
+    "wrk is not installed: the load comes from benchmarks/loadgen.py (httpx), slower than wrk and"
+    " sharing the CPUs with the server; run scripts/install-wrk for the numbers the docs quote"
+)
+
+
+def wrk_available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+_WRK_SCRIPT = """
+math.randomseed(os.time())
+local kind = "%s"
+if kind == "post" then
+  wrk.method = "POST"
+  wrk.body = '{"name":"bench","value":1}'
+  wrk.headers["Content-Type"] = "application/json"
+end
+request = function()
+  if kind == "get" then
+    return wrk.format("GET", "/items/" .. math.random(1, %d))
+  elseif kind == "post" then
+    return wrk.format(nil, "/items")
+  end
+  return wrk.format("GET", "/ping")
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCHJSON {"requests":%%d,"duration_us":%%d,"non2xx":%%d,"errors":%%d,"timeouts":%%d,' ..
+    '"p50_us":%%d,"p99_us":%%d}\\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def drive(loadgen: str, url: str, kind: str, connections: int, duration: float) -> dict[str, float]:
+    """Load ``url`` for ``duration`` seconds with ``wrk`` or ``httpx``, each in its own process.
+
+    Returns requests, duration_s, non2xx, errors, timeouts, p50_ms, p99_ms and in_flight_at_stop
+    (the requests ``wrk`` abandons at its deadline, which the server may still complete).
+    """
+    if loadgen == "wrk":
+        return _drive_wrk(url, kind, connections, duration)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            url,
+            "--kind",
+            kind,
+            "--connections",
+            str(connections),
+            "--duration",
+            str(duration),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 120,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {out.stderr[-1000:]}")
+    result: dict[str, float] = json.loads(out.stdout)
+    return result
+
+
+def _drive_wrk(url: str, kind: str, connections: int, duration: float) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(_WRK_SCRIPT % (kind, ROWS))
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(duration))}s",
+                "--timeout",
+                "10s",
+                "-s",
+                script.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=duration + 60,
+            check=False,
+        )
+    finally:
+        os.unlink(script.name)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCHJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {out.stdout[-500:]} {out.stderr[-500:]}")
+    raw = json.loads(line.removeprefix("BENCHJSON "))
+    return {
+        "requests": raw["requests"],
+        "duration_s": raw["duration_us"] / 1e6,
+        "non2xx": raw["non2xx"],
+        "errors": raw["errors"],
+        "timeouts": raw["timeouts"],
+        "p50_ms": raw["p50_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "in_flight_at_stop": connections,
+    }
 
 
 async def worker(
@@ -29,7 +143,7 @@ async def worker(
             if kind == "post":
                 response = await client.post("/items", json=BODY)
             elif kind == "get":
-                response = await client.get(f"/items/{random.randint(1, 10_000)}")
+                response = await client.get(f"/items/{random.randint(1, ROWS)}")
             else:
                 response = await client.get("/ping")
         except httpx.TimeoutException:

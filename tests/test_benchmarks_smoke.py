@@ -23,17 +23,24 @@ def run_smoke(script: str) -> str:
     return result.stdout
 
 
-def test_benchmark_smoke_mode_passes_its_correctness_check() -> None:
-    output = run_smoke("run.py")
+def test_throughput_benchmark_smoke_mode_passes_its_correctness_check() -> None:
+    output = run_smoke("throughput.py")
     assert "correctness check: PASSED" in output, output[-3000:]
     assert "| ours-sync | sync |" in output, output[-3000:]
+    # every ratio is taken against the best hand-written pattern; the tutorial's stands beside it
+    cells = [line.split("|") for line in output.splitlines() if "| ours-sync | sync |" in line]
+    ours = [row for row in cells if row[1].strip() == "main" and "(no database)" not in row[3]]
+    assert len(ours) == 2, cells  # GET and POST
+    for row in ours:
+        ratio, vs, tutorial = (cell.strip() for cell in row[7:10])
+        assert (vs, ratio != "-", tutorial != "-") == ("handwritten-sync", True, True), row
 
 
 def test_inprocess_cpu_benchmark_smoke_mode_measures_every_cell() -> None:
     output = run_smoke("inprocess.py")
     rows = [line for line in output.splitlines() if line.startswith("| sqlite |")]
-    # ours and the tutorial pattern, sync and async, on three endpoints; bare on /ping only
-    assert len(rows) == 4 * 3 + 1, output[-3000:]
+    # ours, the hand-written and the tutorial patterns, sync and async, on three endpoints; bare on /ping
+    assert len(rows) == 6 * 3 + 1, output[-3000:]
     for row in rows:
         cpu = float(row.split("|")[5].replace(",", ""))
         assert cpu > 0, row
@@ -48,3 +55,29 @@ def test_dependency_cost_benchmark_smoke_mode_measures_every_shape() -> None:
         "coroutine + exit callback (ours)",
         "async generator (tutorial)",
     ], output
+
+
+def test_every_approach_names_an_app_that_exists_peers_included() -> None:
+    # The peers are opt-in (their virtualenvs come from PyPI): without installing them, check that
+    # every approach, theirs included, points at its app, and each peer at its own virtualenv.
+    script = """
+import sys
+sys.path.insert(0, "benchmarks")
+import harness, peers
+harness.add_approaches(peers.APPROACHES)
+for a in harness.APPROACHES:
+    print(a.name, (a.app_dir / f"{a.module}.py").is_file(), a.peer is not None, harness.python_for(a))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT
+    )
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert [name for name, *_ in rows if name.startswith(("ours", "bare"))] == [
+        "ours-sync",
+        "ours-async",
+        "bare",
+    ]
+    assert sum(peer == "True" for _, _, peer, _ in rows) == 5, rows
+    for name, found, peer, python in rows:
+        assert found == "True", name
+        assert ("/benchmarks/peers/.venvs/" in python) == (peer == "True"), (name, python)

@@ -1,12 +1,15 @@
-"""Create one virtual environment per peer under ``benchmarks/.venvs/`` and install it from PyPI.
+"""Create one virtual environment per peer under ``benchmarks/peers/.venvs/``, installed from PyPI.
 
-Usage: ``.venv/bin/python benchmarks/setup_peers.py [--force] [peer ...]``
+Usage: ``.venv/bin/python benchmarks/peers/setup_peers.py [--force] [peer ...]`` (the runners'
+``--peers`` does it for the virtualenvs that are missing).
 
-Every virtualenv, the peers' and ``project`` (this library, editable, which also serves the
-tutorial and bare apps), is made with one interpreter, Python 3.12 when it is found (FastSQLA
+Every virtualenv, the peers' and ``project`` (this library, editable, which also serves ours,
+the baselines and bare), is made with one interpreter, Python 3.12 when it is found (FastSQLA
 and fastapi-async-sqlalchemy need it), and the same uvicorn as the project's own virtualenv, so
-that only the session layer differs between approaches. Without 3.12, everything runs on this
-interpreter and a peer that needs a newer one is skipped with a note (the table prints it).
+that only the session layer differs between approaches. Each also gets this project's
+``[testing]`` extra: the servers are started by the test suite's helper (``benchmarks/serve.py``
+imports ``tests.conftest``), the same harness in every process. Without 3.12, everything runs on
+this interpreter and a peer that needs a newer one is skipped with a note (the table prints it).
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parent.parent
 VENVS = HERE / ".venvs"
 BENCH_PYTHON = (3, 12)
 """The interpreter every benchmark virtualenv is made with, when it is installed."""
 UVICORN = f"uvicorn=={metadata.version('uvicorn')}"
 DRIVERS_SYNC = ["psycopg[binary]>=3.1"]
 DRIVERS_ASYNC = ["asyncpg>=0.29", "aiosqlite>=0.19"]
+HARNESS = ["-e", f"{ROOT}[testing]"]
+"""What ``benchmarks/serve.py`` imports besides the app (``tests.conftest``: pytest, httpx, this library)."""
 
 
 @dataclass(frozen=True)
@@ -46,38 +51,45 @@ class Peer:
 PEERS: dict[str, Peer] = {
     "project": Peer(
         "project",
-        ["-e", f"{ROOT}[postgres,asyncpg,aiosqlite]", UVICORN],
+        ["-e", f"{ROOT}[postgres,asyncpg,aiosqlite,testing]", UVICORN],
         module="fastapi_sessionmaker",
         dist="fastapi-sessionmaker",
     ),
     "fastapi-utils": Peer(
         "fastapi-utils",
         # The [session] extra imports typing_inspect without depending on it (DESIGN §7).
-        ["fastapi-utils[session]", "typing_inspect", "sqlalchemy>=2", UVICORN, *DRIVERS_SYNC],
+        ["fastapi-utils[session]", "typing_inspect", "sqlalchemy>=2", UVICORN, *DRIVERS_SYNC, *HARNESS],
         module="fastapi_utils",
         notes=["typing_inspect installed by hand: fastapi-utils[session] fails to import without it"],
     ),
     "fastapi-sqla": Peer(
         "fastapi-sqla",
-        ["fastapi-sqla", "fastapi<0.142", UVICORN, *DRIVERS_SYNC],
+        ["fastapi-sqla", "fastapi<0.142", UVICORN, *DRIVERS_SYNC, *HARNESS],
         module="fastapi_sqla",
         notes=["fastapi-sqla pins FastAPI < 0.142: measured on the FastAPI it accepts"],
     ),
     "fastsqla": Peer(
         "fastsqla",
-        ["FastSQLA", UVICORN, *DRIVERS_ASYNC],
+        ["FastSQLA", UVICORN, *DRIVERS_ASYNC, *HARNESS],
         python=(3, 12),
         module="fastsqla",
     ),
     "fastapi-async-sqlalchemy": Peer(
         "fastapi-async-sqlalchemy",
-        ["fastapi-async-sqlalchemy", "fastapi", "sqlalchemy[asyncio]>=2", UVICORN, *DRIVERS_ASYNC],
+        [
+            "fastapi-async-sqlalchemy",
+            "fastapi",
+            "sqlalchemy[asyncio]>=2",
+            UVICORN,
+            *DRIVERS_ASYNC,
+            *HARNESS,
+        ],
         python=(3, 12),
         module="fastapi_async_sqlalchemy",
     ),
     "advanced-alchemy": Peer(
         "advanced-alchemy",
-        ["advanced-alchemy", "fastapi", UVICORN, *DRIVERS_ASYNC],
+        ["advanced-alchemy", "fastapi", UVICORN, *DRIVERS_ASYNC, *HARNESS],
         module="advanced_alchemy",
     ),
 }
@@ -124,7 +136,7 @@ def peer_status(peer: str) -> dict[str, object]:
     """What setup recorded for ``peer``: ``{"ok": bool, "note": str, "versions": {...}}``."""
     path = status_file(peer)
     if not path.exists():
-        return {"ok": False, "note": "not installed: run benchmarks/setup_peers.py"}
+        return {"ok": False, "note": "not installed: run benchmarks/peers/setup_peers.py"}
     data: dict[str, object] = json.loads(path.read_text())
     return data
 
