@@ -7,7 +7,10 @@ same commit policy. On SQLite (aiosqlite), PostgreSQL (asyncpg) and MariaDB (aio
 
 import asyncio
 import gc
+import logging
 import re
+import socket
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +23,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import ResponseValidationError
 from fastapi.testclient import TestClient
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.middleware import Middleware
 
 from fastapi_sessionmaker import (
     AsyncDBSession,
@@ -214,18 +218,44 @@ def test_docs_quick_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         assert client.post("/notes", params={"text": "hello"}).status_code == 409
 
 
+class HangUpBeforeTheStatusLine:
+    """Innermost middleware: holds the status line back until the server reports the disconnect."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def held_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and scope["path"] == "/payments":
+                while (await asyncio.wait_for(receive(), 10))["type"] != "http.disconnect":
+                    pass
+            await send(message)
+
+        await self.app(scope, receive, held_send)
+
+
 def test_docs_disconnect_example_rolls_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Callable[..., httpx.Client]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    serve: Callable[..., httpx.Client],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "docs_async_disconnect"}
     exec(python_blocks()[0] + python_blocks()[1], namespace)
     app = namespace["app"]
     assert isinstance(app, FastAPI)
+    app.user_middleware.append(Middleware(HangUpBeforeTheStatusLine))  # inside the guard
     client = serve(app)
-    # The client waits: the payment is stored.
-    assert client.post("/payments", params={"amount": 5}).status_code == 200
-    assert client.get("/payments/count").json() == 1
+    host, port = str(client.base_url).removeprefix("http://").split(":")
+    with caplog.at_level(logging.WARNING, logger="fastapi_sessionmaker"):
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(b"POST /payments?amount=5 HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n")
+        deadline = time.monotonic() + 10
+        while not any("client disconnected before the commit" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the guard never saw the disconnect"
+            time.sleep(0.01)
+    assert client.get("/payments/count").json() == 0  # the hung-up payment was rolled back
 
 
 def test_docs_task_session_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 import fastapi_sessionmaker
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker, guid_type, session
-from fastapi_sessionmaker._base import checks_liveness
+from fastapi_sessionmaker._liveness import checks_liveness
 from tests.conftest import Maker, Server, checked_out, pool_of
 from tests.models import User, reset_tables, stored_emails
 

@@ -44,9 +44,13 @@ def test_async_session_with_only_a_sync_maker_installed_names_the_missing_maker(
     async def endpoint(session: AsyncDBSession) -> str:  # pragma: no cover - never reached
         return "unreachable"
 
-    with TestClient(app) as client, pytest.raises(NotInstalledError, match="AsyncFastAPISessionMaker"):
-        client.get("/")
-    assert checked_out(pool_of(maker)) == 0
+    with TestClient(app) as client:
+        pool = pool_of(maker)  # the app's own pool: the start-up check opened it
+        with pytest.raises(NotInstalledError, match="AsyncFastAPISessionMaker"):
+            client.get("/")
+        assert checked_out(pool) == 0
+        state = app.state.fastapi_sessionmaker
+        assert state.makers == {"default": maker}  # nothing else was installed on the way
 
 
 def test_without_fastapis_endpoint_exit_stack_no_session_is_opened(tmp_path: Path) -> None:

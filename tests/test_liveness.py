@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker
-from fastapi_sessionmaker._base import checks_liveness
+from fastapi_sessionmaker._liveness import checks_liveness
 from tests.conftest import Maker, MakerFactory
 
 

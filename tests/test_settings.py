@@ -24,8 +24,8 @@ from fastapi_sessionmaker import (
     DatabaseUnavailableError,
     FastAPISessionMaker,
 )
-from fastapi_sessionmaker import _base as base
-from fastapi_sessionmaker._base import render_url
+from fastapi_sessionmaker import _urls as base
+from fastapi_sessionmaker._urls import render_url
 from fastapi_sessionmaker.session import get_engine
 from tests.conftest import Databases, Maker
 

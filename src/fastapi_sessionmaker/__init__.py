@@ -12,13 +12,11 @@ Example:
     ...     return session.execute(sa.text("SELECT 42")).scalar_one()
 """
 
-from __future__ import annotations
+from typing import Annotated as _Annotated
 
-from typing import Annotated
-
-from fastapi import Depends
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
+from fastapi import Depends as _Depends
+from sqlalchemy.ext.asyncio import AsyncSession as _AsyncSession
+from sqlalchemy.orm import Session as _Session
 
 from fastapi_sessionmaker._async import AsyncFastAPISessionMaker as AsyncFastAPISessionMaker
 from fastapi_sessionmaker._errors import Problem as Problem
@@ -26,7 +24,8 @@ from fastapi_sessionmaker._errors import default_error_mapper as default_error_m
 from fastapi_sessionmaker._health import health_router as health_router
 from fastapi_sessionmaker._health import pool_stats as pool_stats
 from fastapi_sessionmaker._policy import CommitPolicy as CommitPolicy
-from fastapi_sessionmaker._request import default_async_session, default_sync_session
+from fastapi_sessionmaker._request import default_async_session as _default_async_session
+from fastapi_sessionmaker._request import default_sync_session as _default_sync_session
 from fastapi_sessionmaker._request import dependency_of as dependency_of
 from fastapi_sessionmaker._sessions import ReadOnlySession as ReadOnlySession
 from fastapi_sessionmaker._settings import DatabaseSettings as DatabaseSettings
@@ -53,10 +52,10 @@ from fastapi_sessionmaker.session import (
     get_sessionmaker_for_engine as get_sessionmaker_for_engine,
 )
 
-DBSession = Annotated[Session, Depends(default_sync_session)]
+DBSession = _Annotated[_Session, _Depends(_default_sync_session)]
 """The request's ``Session`` from the app's first installed ``FastAPISessionMaker``."""
 
-AsyncDBSession = Annotated[AsyncSession, Depends(default_async_session)]
+AsyncDBSession = _Annotated[_AsyncSession, _Depends(_default_async_session)]
 """The request's ``AsyncSession`` from the app's first installed ``AsyncFastAPISessionMaker``."""
 
 __all__ = [

@@ -14,18 +14,15 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from fastapi_sessionmaker._base import (
-    MakerBase,
-    enforce_sqlite_foreign_keys,
-    install_liveness_check,
-    missing_driver,
-    unknown_driver,
-)
+from fastapi_sessionmaker._base import MakerBase
+from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys
+from fastapi_sessionmaker._liveness import install_liveness_check
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._sessions import compose_async
 from fastapi_sessionmaker._sync import unavailable
 from fastapi_sessionmaker._unit import AsyncLifecycle
+from fastapi_sessionmaker._urls import missing_driver, unknown_driver
 from fastapi_sessionmaker.exceptions import ConfigurationError
 
 __all__ = ["AsyncFastAPISessionMaker"]

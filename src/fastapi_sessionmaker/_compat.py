@@ -55,7 +55,8 @@ def transaction_connections(session: Session) -> list[sa.Connection]:
     transaction = session.get_transaction()
     if transaction is None:
         return []
-    return [entry[0] for entry in transaction._connections.values()]
+    # Keyed by engine and by connection: one connection can appear twice.
+    return list(dict.fromkeys(entry[0] for entry in transaction._connections.values()))
 
 
 def pool_timeout(pool: sa.Pool, default: float = 30.0) -> float:

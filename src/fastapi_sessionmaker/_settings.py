@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL
 
+from fastapi_sessionmaker._urls import parse_url
 from fastapi_sessionmaker.exceptions import ConfigurationError
 
 __all__ = ["DatabaseSettings"]
@@ -83,8 +84,6 @@ class DatabaseSettings(BaseSettings):
 
         The driver is filled in later, by the maker that uses it (sync or async).
         """
-        from fastapi_sessionmaker._base import parse_url
-
         if self.uri is not None:
             return parse_url(self.uri.get_secret_value(), variable="DATABASE_URI")
         assert self.scheme is not None

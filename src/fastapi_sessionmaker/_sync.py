@@ -10,18 +10,14 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from fastapi_sessionmaker._base import (
-    MakerBase,
-    enforce_sqlite_foreign_keys,
-    install_liveness_check,
-    missing_driver,
-    scrub,
-    unknown_driver,
-)
+from fastapi_sessionmaker._base import MakerBase
+from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys
+from fastapi_sessionmaker._liveness import install_liveness_check
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._sessions import ReadOnlySession
 from fastapi_sessionmaker._unit import SyncLifecycle, sync_unit
+from fastapi_sessionmaker._urls import missing_driver, scrub, unknown_driver
 from fastapi_sessionmaker.exceptions import DatabaseUnavailableError
 
 __all__ = ["FastAPISessionMaker", "ReadOnlySession"]

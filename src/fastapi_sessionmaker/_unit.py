@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from fastapi_sessionmaker import _compat
-from fastapi_sessionmaker._base import Limiter, pool_capacity
+from fastapi_sessionmaker._base import Limiter
+from fastapi_sessionmaker._engines import pool_capacity
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._sessions import SerialAsyncSession, compose, try_lock, unlock
 from fastapi_sessionmaker._shield import run_to_completion

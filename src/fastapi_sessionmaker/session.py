@@ -20,9 +20,10 @@ from collections.abc import Iterator
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from fastapi_sessionmaker._base import engine_kwargs, resolve_url
+from fastapi_sessionmaker._engines import engine_kwargs
 from fastapi_sessionmaker._sync import FastAPISessionMaker, create_checked_engine
 from fastapi_sessionmaker._unit import sync_unit
+from fastapi_sessionmaker._urls import resolve_url
 
 __all__ = ["FastAPISessionMaker", "context_session", "get_engine", "get_sessionmaker_for_engine"]
 

@@ -13,7 +13,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool, QueuePool
 
-from fastapi_sessionmaker._base import enforce_sqlite_foreign_keys, engine_kwargs, render_url, resolve_url
+from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys, engine_kwargs
+from fastapi_sessionmaker._urls import render_url, resolve_url
 from fastapi_sessionmaker.exceptions import ConfigurationError
 
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")

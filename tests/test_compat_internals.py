@@ -1,0 +1,101 @@
+"""Each read of another package's internals (``_compat.py``) against the installed versions.
+
+When an upstream release renames or drops what is read, the test of that read fails with a
+message naming the package and the attribute, instead of a request path breaking in production.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from fastapi_sessionmaker import FastAPISessionMaker, _compat
+from tests.models import User, reset_tables
+
+
+def test_fastapi_keeps_the_per_endpoint_exit_stack_in_the_scope() -> None:
+    app = FastAPI()
+    seen: list[Any] = []
+
+    @app.get("/")
+    async def endpoint(request: Request) -> None:
+        seen.append(_compat.fastapi_function_stack(request.scope))
+
+    with TestClient(app) as client:
+        assert client.get("/").status_code == 200
+    assert isinstance(seen[0], AsyncExitStack), (
+        f"FastAPI no longer puts an AsyncExitStack at scope[{_compat.FUNCTION_STACK_KEY!r}]: "
+        "update _compat.fastapi_function_stack (the request dependency relies on it)"
+    )
+
+
+def test_sqlalchemy_session_reports_whether_it_is_clean(sync_engine: sa.Engine) -> None:
+    reset_tables(sync_engine)
+    with Session(sync_engine) as session:
+        assert _compat.session_is_clean(session), "Session._is_clean() changed: update _compat"
+        session.add(User(email="clean@x"))
+        assert not _compat.session_is_clean(session), "Session._is_clean() changed: update _compat"
+
+
+def test_sqlalchemy_session_transaction_lists_its_connections(sync_engine: sa.Engine) -> None:
+    with Session(sync_engine) as session:
+        assert _compat.transaction_connections(session) == []
+        session.execute(sa.text("SELECT 1"))
+        connections = _compat.transaction_connections(session)
+        assert connections == [session.connection()], (
+            "SessionTransaction._connections changed: update _compat.transaction_connections"
+        )
+
+
+def test_sqlalchemy_queue_pool_keeps_its_limits() -> None:
+    engine = sa.create_engine(
+        "sqlite:///:memory:", poolclass=sa.QueuePool, pool_size=3, max_overflow=4, pool_timeout=7.5
+    )
+    try:
+        assert _compat.pool_timeout(engine.pool) == 7.5, "QueuePool._timeout changed: update _compat"
+        assert _compat.pool_max_overflow(engine.pool) == 4, "QueuePool._max_overflow changed: update _compat"
+        assert _compat.pool_pre_ping(engine.pool) is False, "Pool._pre_ping changed: update _compat"
+    finally:
+        engine.dispose()
+    pinging = sa.create_engine("sqlite:///:memory:", pool_pre_ping=True)
+    try:
+        assert _compat.pool_pre_ping(pinging.pool) is True, "Pool._pre_ping changed: update _compat"
+    finally:
+        pinging.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_every_driver_exposes_the_socket_of_an_idle_connection(make_maker: Any, backend: str) -> None:
+    """psycopg, PyMySQL (sync) and asyncpg, aiomysql (async): the probe finds a socket for each."""
+    maker = make_maker()
+    found: list[bool] = []
+
+    def probe(dbapi_connection: Any, record: Any) -> None:
+        check = _compat.dead_connection_probe(dbapi_connection)
+        found.append(check is not None and check() is False)
+
+    engine = maker.cached_engine
+    sync_engine = engine if isinstance(engine, sa.Engine) else engine.sync_engine
+    sa.event.listen(sync_engine, "connect", probe)
+    if isinstance(maker, FastAPISessionMaker):
+        maker.check_connection()
+    else:
+        import asyncio
+
+        async def check_and_dispose() -> None:
+            try:
+                await maker.check_connection()
+            finally:
+                await maker.dispose()  # the pool belongs to this event loop
+
+        asyncio.run(check_and_dispose())
+    assert found == [True], (
+        f"{sync_engine.dialect.driver}: the driver's connection no longer exposes its socket where "
+        "_compat.dead_connection_probe looks: update it"
+    )
