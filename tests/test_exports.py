@@ -48,6 +48,10 @@ EXPECTED_ROOT = {
     "NotInstalledError",
     "ReadOnlySessionError",
     "ResponseStartedError",
+    "SessionClosedError",
+    # side effects after the commit
+    "on_commit",
+    "on_rollback",
     # fastapi-utils names
     "get_engine",
     "get_sessionmaker_for_engine",

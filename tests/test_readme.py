@@ -82,7 +82,8 @@ def test_other_examples_run(index: int, in_tmp_dir: Path) -> None:
 
 def test_tutorial_migration_parameter_order(in_tmp_dir: Path) -> None:
     namespace: dict[str, object] = {"__name__": "readme_migration"}
-    exec(python_blocks()[0] + python_blocks()[3], namespace)
+    (migration,) = [b for b in python_blocks() if "# Tutorial: def read_notes" in b]
+    exec(python_blocks()[0] + migration, namespace)
     with TestClient(namespace["app"]) as client:  # type: ignore[arg-type]
         for text in ("a", "b", "c"):
             assert client.post("/notes", params={"text": text}).status_code == 201
@@ -139,3 +140,14 @@ def test_the_two_context_sessions_differ_as_the_readme_says(in_tmp_dir: Path) ->
     finally:
         db.dispose()
         read_only.dispose()
+
+
+def test_the_side_effects_example_sends_only_what_was_stored(in_tmp_dir: Path) -> None:
+    (block,) = [b for b in python_blocks() if "on_commit(session" in b]
+    namespace: dict[str, object] = {"__name__": "readme_side_effects"}
+    exec(block, namespace)
+    outbox = namespace["outbox"]
+    with TestClient(namespace["app"], raise_server_exceptions=False) as client:  # type: ignore[arg-type]
+        assert client.post("/signups", params={"email": "a@x"}).status_code == 201
+        assert client.post("/signups", params={"email": "a@x"}).status_code == 409
+    assert outbox == ["welcome a@x", "not stored: a@x"]

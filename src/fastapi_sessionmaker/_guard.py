@@ -121,6 +121,9 @@ class _Exchange:
             await run_to_completion(state.close)
         else:
             await state.close()  # nothing to roll back: no I/O, so nothing to interrupt
+        if state.ready:  # on_commit / on_rollback callbacks: the response has been sent
+            where = f"{self.scope.get('method', '')} {self.scope.get('path', '')}"
+            await run_to_completion(state.run_callbacks, where)
 
 
 class SessionGuard:

@@ -28,6 +28,7 @@ from starlette.requests import HTTPConnection
 
 from fastapi_sessionmaker import _compat
 from fastapi_sessionmaker._errors import Problem, default_error_mapper
+from fastapi_sessionmaker._oncommit import Callback, run_async, settle
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._sessions import discarded_changes, mark_response_started
 from fastapi_sessionmaker.exceptions import NotInstalledError
@@ -67,7 +68,7 @@ class RequestMaker(Protocol):
 
 
 class _Entry:
-    __slots__ = ("closed", "finished", "maker", "policy", "semaphore", "session", "shared")
+    __slots__ = ("closed", "committed", "finished", "maker", "policy", "semaphore", "session", "shared")
 
     def __init__(
         self,
@@ -83,6 +84,7 @@ class _Entry:
         self.semaphore = semaphore
         self.shared = shared
         self.finished = False
+        self.committed = False
         self.closed = False
 
     def release(self) -> None:
@@ -121,6 +123,7 @@ class RequestState:
     # Flags are class-level defaults: a request that opens no session writes none of them.
     raised = False
     client_gone = False
+    ready: list[tuple[list[Callback], str]] | None = None
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -184,6 +187,7 @@ class RequestState:
                 commit = False
             try:
                 await entry.maker.lifecycle.end(entry.session, commit)
+                entry.committed = commit
             except Exception as exc:
                 if failure is None:
                     failure = (exc, entry.maker)
@@ -222,6 +226,17 @@ class RequestState:
                 logger.exception("closing a session of database %r failed", entry.maker.name)
             finally:
                 entry.release()
+                callbacks = settle(entry.session, entry.committed)
+                if callbacks:
+                    if self.ready is None:
+                        self.ready = []
+                    self.ready.append((callbacks, entry.maker.name))
+
+    async def run_callbacks(self, where: str) -> None:
+        """Run the ``on_commit`` / ``on_rollback`` callbacks the closed sessions settled."""
+        ready, self.ready = self.ready or [], None
+        for callbacks, database in ready:
+            await run_async(callbacks, where=where, database=database)
 
 
 # The context holds a weak reference: asyncio copies the context into every callback scheduled

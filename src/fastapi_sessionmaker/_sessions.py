@@ -49,7 +49,10 @@ __all__ = [
     "compose",
     "compose_async",
     "discarded_changes",
+    "is_closed",
+    "mark_closed",
     "mark_response_started",
+    "response_started",
     "try_lock",
     "unlock",
 ]
@@ -345,6 +348,22 @@ def compose_async(base: type[AsyncSession]) -> type[AsyncSession]:
         composed = type(f"Serial{base.__name__}", (SerialAsyncSession, base), {"__module__": base.__module__})
         _COMPOSED_ASYNC[base] = composed
     return composed
+
+
+def mark_closed(session: Any) -> None:
+    """Remember that ``session`` (sync or async) was ended and closed by its unit of work."""
+    getattr(session, "sync_session", session)._fsm_closed = True
+
+
+def is_closed(session: Any) -> bool:
+    """Whether ``session``'s unit of work has closed it."""
+    return bool(getattr(getattr(session, "sync_session", session), "_fsm_closed", False))
+
+
+def response_started(session: Any) -> bool:
+    """Whether ``session`` is a request session whose response has started."""
+    target = getattr(session, "sync_session", session)
+    return isinstance(target, RequestSessionMixin) and target._fsm_started
 
 
 def mark_response_started(session: Any) -> None:

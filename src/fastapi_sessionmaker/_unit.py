@@ -24,8 +24,9 @@ from sqlalchemy.pool import StaticPool
 from fastapi_sessionmaker import _compat
 from fastapi_sessionmaker._base import Limiter
 from fastapi_sessionmaker._engines import pool_capacity
+from fastapi_sessionmaker._oncommit import run_async, run_sync, settle
 from fastapi_sessionmaker._policy import CommitPolicy
-from fastapi_sessionmaker._sessions import SerialAsyncSession, compose, try_lock, unlock
+from fastapi_sessionmaker._sessions import SerialAsyncSession, compose, mark_closed, try_lock, unlock
 from fastapi_sessionmaker._shield import run_to_completion
 
 if TYPE_CHECKING:
@@ -83,21 +84,34 @@ def end_sync(session: Session, commit: bool) -> None:
 
 
 @contextlib.contextmanager
-def sync_unit(session: Session, *, commit: bool) -> Iterator[Session]:
+def sync_unit(session: Session, *, commit: bool, database: str = "?") -> Iterator[Session]:
     """Yield ``session``; then commit (or roll back when ``commit`` is False), roll back on error,
-    and always close: the sync rule for sessions outside the request guard."""
+    and always close: the sync rule for sessions outside the request guard. Its ``on_commit`` /
+    ``on_rollback`` callbacks run right after, in this thread."""
+    committed = False
     try:
-        yield session
-    except BaseException:
         try:
-            session.rollback()
+            yield session
+        except BaseException:
+            try:
+                session.rollback()
+            finally:
+                _close_sync(session)
+            raise
+        try:
+            end_sync(session, commit)
+            committed = commit
         finally:
-            session.close()
-        raise
-    try:
-        end_sync(session, commit)
+            _close_sync(session)
     finally:
+        run_sync(settle(session, committed), where="a unit of work", database=database)
+
+
+def _close_sync(session: Session) -> None:
+    try:
         session.close()
+    finally:
+        mark_closed(session)
 
 
 _SESSION_HOOKS = (
@@ -188,15 +202,15 @@ class SyncLifecycle:
         if try_lock(session):
             try:
                 if not session.in_transaction() or _ends_without_io(session):
-                    session.close()
+                    _close_sync(session)
                     return
             finally:
                 unlock(session)
-        await anyio.to_thread.run_sync(session.close)
+        await anyio.to_thread.run_sync(_close_sync, session)
 
     def unit(self, session: Session, *, commit: bool) -> contextlib.AbstractContextManager[Session]:
         """The unit of work of a session outside the guard (``context_session()``, ...)."""
-        return sync_unit(session, commit=commit)
+        return sync_unit(session, commit=commit, database=self.maker.name)
 
 
 # -- async --------------------------------------------------------------------------------------
@@ -251,22 +265,33 @@ class AsyncLifecycle:
     async def close(self, session: AsyncSession) -> None:
         """Close the session; without a transaction no I/O (and no greenlet) is needed."""
         await _idle(session)
-        if session.in_transaction():
-            await session.close()
-        else:
-            # No transaction, so no connection: closing does no I/O and needs no greenlet
-            # (one fewer greenlet switch per request, measured in benchmarks/).
-            session.sync_session.close()
+        try:
+            if session.in_transaction():
+                await session.close()
+            else:
+                # No transaction, so no connection: closing does no I/O and needs no greenlet
+                # (one fewer greenlet switch per request, measured in benchmarks/).
+                session.sync_session.close()
+        finally:
+            mark_closed(session)
 
     async def _end_and_close(self, session: AsyncSession, commit: bool) -> None:
+        committed = False
         try:
             await self.end(session, commit)
+            committed = commit
         finally:
-            await self.close(session)
+            try:
+                await self.close(session)
+            finally:
+                callbacks = settle(session, committed)
+                if callbacks:
+                    await run_async(callbacks, where="a unit of work", database=self.maker.name)
 
     @contextlib.asynccontextmanager
     async def unit(self, session: AsyncSession, *, commit: bool) -> AsyncIterator[AsyncSession]:
-        """The unit of work of a session outside the guard, run to completion if cancelled."""
+        """The unit of work of a session outside the guard, run to completion if cancelled; its
+        ``on_commit`` / ``on_rollback`` callbacks run right after."""
         try:
             yield session
         except BaseException:

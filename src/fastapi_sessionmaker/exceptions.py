@@ -9,8 +9,9 @@ the HTTP edge as they were raised. What this package adds is for configuration a
     ├── DatabaseUnavailableError                     the start-up check could not reach the database
     ├── NotInstalledError (also a RuntimeError)      a request dependency used without ``init_app(app)``
     ├── ReadOnlySessionError (also a RuntimeError)   a flush of ORM changes in a read-only session
-    └── ResponseStartedError (also a RuntimeError)   a write through a request session after its
-                                                     response started (a streaming body)
+    ├── ResponseStartedError (also a RuntimeError)   a write through a request session after its
+    │                                                response started (a streaming body)
+    └── SessionClosedError (also a RuntimeError)     a callback registered on a session already closed
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "NotInstalledError",
     "ReadOnlySessionError",
     "ResponseStartedError",
+    "SessionClosedError",
 ]
 
 
@@ -77,3 +79,7 @@ class ResponseStartedError(FastAPISessionMakerError, RuntimeError):
     be committed before the response, so it is refused loudly instead of being dropped. Write
     before returning the response, or give the stream its own ``maker.context_session()``.
     """
+
+
+class SessionClosedError(FastAPISessionMakerError, RuntimeError):
+    """``on_commit`` / ``on_rollback`` on a session whose unit of work has already ended."""

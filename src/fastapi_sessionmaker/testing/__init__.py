@@ -18,6 +18,7 @@ See ``docs/testing.md``.
 
 from __future__ import annotations
 
+from fastapi_sessionmaker._oncommit import capture as capture_on_commit
 from fastapi_sessionmaker.testing._database import TestDatabase as TestDatabase
 from fastapi_sessionmaker.testing.plugin import _fsm_join_app as _fsm_join_app
 from fastapi_sessionmaker.testing.plugin import fsm_app as fsm_app
@@ -31,6 +32,7 @@ from fastapi_sessionmaker.testing.plugin import fsm_database as fsm_database
 from fastapi_sessionmaker.testing.plugin import fsm_database_url as fsm_database_url
 from fastapi_sessionmaker.testing.plugin import fsm_engine as fsm_engine
 from fastapi_sessionmaker.testing.plugin import fsm_metadata as fsm_metadata
+from fastapi_sessionmaker.testing.plugin import fsm_on_commit as fsm_on_commit
 from fastapi_sessionmaker.testing.plugin import fsm_session as fsm_session
 from fastapi_sessionmaker.testing.plugin import join_connection as join_connection
 from fastapi_sessionmaker.testing.plugin import pytest_addoption as pytest_addoption
@@ -42,6 +44,7 @@ from fastapi_sessionmaker.testing.plugin import pytest_report_header as pytest_r
 
 __all__ = [
     "TestDatabase",
+    "capture_on_commit",
     "fsm_app",
     "fsm_async_client",
     "fsm_async_connection",
@@ -53,6 +56,7 @@ __all__ = [
     "fsm_database_url",
     "fsm_engine",
     "fsm_metadata",
+    "fsm_on_commit",
     "fsm_session",
     "join_connection",
 ]

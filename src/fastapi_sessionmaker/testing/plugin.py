@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -43,6 +43,7 @@ __all__ = [
     "fsm_database_url",
     "fsm_engine",
     "fsm_metadata",
+    "fsm_on_commit",
     "fsm_session",
 ]
 
@@ -450,3 +451,17 @@ async def fsm_async_client(
     transport = httpx.ASGITransport(app=fsm_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield client
+
+
+@pytest.fixture
+def fsm_on_commit() -> Iterator[list[Callable[[], Any]]]:
+    """The ``on_commit`` / ``on_rollback`` callbacks that ran during the test, in order.
+
+    Under the plugin the app's commits release SAVEPOINTs of the test's transaction, and its
+    callbacks run as after a real commit; this list lets the test see them. To hold them back and
+    run them yourself, use ``with capture_on_commit(execute=False) as callbacks:`` instead.
+    """
+    from fastapi_sessionmaker.testing import capture_on_commit
+
+    with capture_on_commit(execute=True) as callbacks:
+        yield callbacks
