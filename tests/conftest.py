@@ -157,6 +157,14 @@ def sync_engine(database_url: str) -> Iterator[sa.Engine]:
 MakerFactory = Callable[..., Maker]
 
 
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition`` (bounded by ``timeout`` seconds); fail naming ``what`` if it never holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
 def checked_out(pool: sa.Pool) -> int:
     """Connections of ``pool`` that are checked out now (0 for pools that do not count)."""
     count = getattr(pool, "checkedout", None)

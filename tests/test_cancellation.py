@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_sessionmaker import AsyncFastAPISessionMaker
-from tests.conftest import Databases, Maker, Server, checked_out, pool_of
+from tests.conftest import Databases, Maker, Server, checked_out, pool_of, wait_until
 from tests.models import User, reset_tables, stored_emails
 
 DEADLINE = 10.0  # seconds: every wait in this module is bounded by it
@@ -90,13 +90,6 @@ def uvicorn_server() -> Iterator[Callable[[FastAPI], tuple[Server, str]]]:
     yield start
     for server in servers:
         server.stop()
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def disconnecting_app(maker: Maker, entered: threading.Event, release: threading.Event) -> FastAPI:

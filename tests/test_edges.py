@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker, NotInstalledError
-from tests.conftest import Maker, MakerFactory, checked_out, pool_of
+from tests.conftest import Maker, MakerFactory, checked_out, pool_of, wait_until
 from tests.models import User, reset_tables, stored_emails
 
 Serve = Callable[..., httpx.Client]
@@ -167,16 +167,10 @@ def test_a_timeout_cancelling_a_sync_endpoint_never_ends_its_session_concurrentl
             # Python 3.10: anyio's shield absorbs the cancellation until the thread returns, so the
             # request completes (and commits) late instead; the session is never shared either way.
             assert set(statuses.values()) == {504}, statuses
-        deadline = time.monotonic() + DEADLINE
-        while len(finished) < 6 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(finished) == 6, "an endpoint thread never finished"
+        wait_until(lambda: len(finished) == 6, "every endpoint thread to finish", DEADLINE)
         assert errors == []
         assert client.get("/count").status_code == 200  # the server is alive and its pool works
-        deadline = time.monotonic() + DEADLINE
-        while checked_out(pool_of(maker)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert checked_out(pool_of(maker)) == 0
+        wait_until(lambda: checked_out(pool_of(maker)) == 0, "every connection back", DEADLINE)
         committed = {email.split("-")[0] for email in stored_emails(sync_engine)}
         assert committed == {str(n) for n, status in statuses.items() if status == 200}
     finally:
@@ -278,10 +272,7 @@ def test_a_write_in_an_endpoint_that_yields_fails_loudly_and_stores_nothing(
                     body += text
         except httpx.HTTPError:
             pass  # the stream is cut off: the client cannot take it for complete
-        deadline = time.monotonic() + DEADLINE
-        while not any("write refused" in r.getMessage() for r in caplog.records):
-            assert time.monotonic() < deadline, "the refused write was not logged"
-            time.sleep(0.01)
+        wait_until(lambda: any("write refused" in r.getMessage() for r in caplog.records), "the log line")
     assert '"2"' not in body
     assert stored_emails(sync_engine) == []
 
@@ -314,10 +305,7 @@ def test_a_changed_object_after_the_response_started_is_logged_not_dropped_silen
     client = serve(app)
     with caplog.at_level(logging.ERROR, logger="fastapi_sessionmaker"):
         assert client.get("/rename").status_code == 200
-        deadline = time.monotonic() + DEADLINE
-        while not any("discarded" in r.getMessage() for r in caplog.records):
-            assert time.monotonic() < deadline, "the discarded change was not logged"
-            time.sleep(0.01)
+        wait_until(lambda: any("discarded" in r.getMessage() for r in caplog.records), "the log line")
     with sync_engine.connect() as connection:
         assert connection.scalar(sa.select(User.name)) == "old"
 

@@ -24,18 +24,11 @@ from fastapi_sessionmaker import (
     on_rollback,
 )
 from fastapi_sessionmaker.testing import capture_on_commit
-from tests.conftest import Maker
+from tests.conftest import Maker, wait_until
 from tests.models import User, reset_tables, stored_emails
 
 Serve = Callable[..., httpx.Client]
 DEADLINE = 10.0
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def callbacks_app(maker: Maker, log: list[str], gate: threading.Event | None = None) -> FastAPI:
