@@ -40,6 +40,9 @@ EXPECTED_ROOT = {
     # health and pool stats
     "health_router",
     "pool_stats",
+    # per-transaction settings
+    "set_local",
+    "use_schemas",
     # exceptions
     "FastAPISessionMakerError",
     "ConcurrentSessionUseError",
@@ -48,6 +51,7 @@ EXPECTED_ROOT = {
     "NotInstalledError",
     "ReadOnlySessionError",
     "ResponseStartedError",
+    "TransactionSettingsError",
     # fastapi-utils names
     "get_engine",
     "get_sessionmaker_for_engine",

@@ -23,6 +23,8 @@ from fastapi_sessionmaker._errors import Problem as Problem
 from fastapi_sessionmaker._errors import default_error_mapper as default_error_mapper
 from fastapi_sessionmaker._health import health_router as health_router
 from fastapi_sessionmaker._health import pool_stats as pool_stats
+from fastapi_sessionmaker._local import set_local as set_local
+from fastapi_sessionmaker._local import use_schemas as use_schemas
 from fastapi_sessionmaker._policy import CommitPolicy as CommitPolicy
 from fastapi_sessionmaker._request import default_async_session as _default_async_session
 from fastapi_sessionmaker._request import default_sync_session as _default_sync_session
@@ -37,6 +39,7 @@ from fastapi_sessionmaker.exceptions import FastAPISessionMakerError as FastAPIS
 from fastapi_sessionmaker.exceptions import NotInstalledError as NotInstalledError
 from fastapi_sessionmaker.exceptions import ReadOnlySessionError as ReadOnlySessionError
 from fastapi_sessionmaker.exceptions import ResponseStartedError as ResponseStartedError
+from fastapi_sessionmaker.exceptions import TransactionSettingsError as TransactionSettingsError
 from fastapi_sessionmaker.guid_type import GUID as GUID
 from fastapi_sessionmaker.guid_type import GUID_DEFAULT_SQLITE as GUID_DEFAULT_SQLITE
 from fastapi_sessionmaker.guid_type import (
@@ -77,6 +80,7 @@ __all__ = [
     "ReadOnlySession",
     "ReadOnlySessionError",
     "ResponseStartedError",
+    "TransactionSettingsError",
     "async_setup_guids_postgresql",
     "context_session",
     "default_error_mapper",
@@ -85,5 +89,7 @@ __all__ = [
     "get_sessionmaker_for_engine",
     "health_router",
     "pool_stats",
+    "set_local",
     "setup_guids_postgresql",
+    "use_schemas",
 ]

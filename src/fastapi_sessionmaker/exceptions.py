@@ -9,8 +9,10 @@ the HTTP edge as they were raised. What this package adds is for configuration a
     ├── DatabaseUnavailableError                     the start-up check could not reach the database
     ├── NotInstalledError (also a RuntimeError)      a request dependency used without ``init_app(app)``
     ├── ReadOnlySessionError (also a RuntimeError)   a flush of ORM changes in a read-only session
-    └── ResponseStartedError (also a RuntimeError)   a write through a request session after its
-                                                     response started (a streaming body)
+    ├── ResponseStartedError (also a RuntimeError)   a write through a request session after its
+    │                                                response started (a streaming body)
+    └── TransactionSettingsError (also a RuntimeError) ``set_local()`` where no transaction-scoped
+                                                     setting exists (MariaDB, MySQL, SQLite)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "NotInstalledError",
     "ReadOnlySessionError",
     "ResponseStartedError",
+    "TransactionSettingsError",
 ]
 
 
@@ -76,4 +79,15 @@ class ResponseStartedError(FastAPISessionMakerError, RuntimeError):
     ``StreamingResponse`` generator, an endpoint that ``yield``s) writes afterwards could no longer
     be committed before the response, so it is refused loudly instead of being dropped. Write
     before returning the response, or give the stream its own ``maker.context_session()``.
+    """
+
+
+class TransactionSettingsError(FastAPISessionMakerError, RuntimeError):
+    """``set_local()`` was asked for a setting that cannot be scoped to the transaction.
+
+    Per-transaction settings (``set_config(name, value, true)``) exist on PostgreSQL only:
+    MariaDB and MySQL have no transaction-scoped variables and SQLite has no settings, so a
+    session on those databases refuses them instead of letting a value outlive its transaction.
+    Also raised for an ``AsyncSession`` whose transaction is already open (the setting must be
+    applied at once): use ``await session.run_sync(set_local, name, value)``.
     """
