@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
 
@@ -474,3 +475,34 @@ def test_an_after_begin_listener_keeps_the_commit_without_a_thread_hop(tmp_path:
     finally:
         session.close()
         maker.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_the_readme_example(rls_url: str, sync_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's policy and app, as written, as a role that is not a superuser."""
+    from fastapi.testclient import TestClient
+
+    from tests.test_readme import README
+
+    section = README.split("## Per-transaction settings", 1)[1].split("\n## ", 1)[0]
+    sql = re.findall(r"```sql\n(.*?)```", section, flags=re.DOTALL)[0].replace(" TO app;", f" TO {ROLE};")
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
+    with sync_engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE IF EXISTS notes")
+        connection.exec_driver_sql(sql)
+        connection.execute(
+            sa.text("INSERT INTO notes (tenant_id, text) VALUES (1, 'one'), (2, 'two'), (1, 'uno')")
+        )
+    monkeypatch.setenv("DATABASE_URI", rls_url)
+    namespace: dict[str, Any] = {"__name__": "readme_tenants"}
+    try:
+        exec(code, namespace)
+        with TestClient(namespace["app"]) as client:
+            assert client.get("/notes", headers={"x-tenant": "1"}).json() == ["one", "uno"]
+            assert client.get("/notes", headers={"x-tenant": "2"}).json() == ["two"]
+            assert client.get("/notes", headers={"x-tenant": "3"}).json() == []
+            assert client.get("/notes").status_code == 422  # no tenant, no query
+    finally:
+        namespace.get("db", FastAPISessionMaker("sqlite://")).dispose()
+        with sync_engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE IF EXISTS notes")
