@@ -40,6 +40,9 @@ EXPECTED_ROOT = {
     # health and pool stats
     "health_router",
     "pool_stats",
+    # per-transaction settings
+    "set_local",
+    "use_schemas",
     # exceptions
     "FastAPISessionMakerError",
     "ConcurrentSessionUseError",
@@ -52,6 +55,7 @@ EXPECTED_ROOT = {
     # side effects after the commit
     "on_commit",
     "on_rollback",
+    "TransactionSettingsError",
     # fastapi-utils names
     "get_engine",
     "get_sessionmaker_for_engine",

@@ -23,6 +23,8 @@ from fastapi_sessionmaker._errors import Problem as Problem
 from fastapi_sessionmaker._errors import default_error_mapper as default_error_mapper
 from fastapi_sessionmaker._health import health_router as health_router
 from fastapi_sessionmaker._health import pool_stats as pool_stats
+from fastapi_sessionmaker._local import set_local as set_local
+from fastapi_sessionmaker._local import use_schemas as use_schemas
 from fastapi_sessionmaker._oncommit import on_commit as on_commit
 from fastapi_sessionmaker._oncommit import on_rollback as on_rollback
 from fastapi_sessionmaker._policy import CommitPolicy as CommitPolicy
@@ -40,6 +42,7 @@ from fastapi_sessionmaker.exceptions import NotInstalledError as NotInstalledErr
 from fastapi_sessionmaker.exceptions import ReadOnlySessionError as ReadOnlySessionError
 from fastapi_sessionmaker.exceptions import ResponseStartedError as ResponseStartedError
 from fastapi_sessionmaker.exceptions import SessionClosedError as SessionClosedError
+from fastapi_sessionmaker.exceptions import TransactionSettingsError as TransactionSettingsError
 from fastapi_sessionmaker.guid_type import GUID as GUID
 from fastapi_sessionmaker.guid_type import GUID_DEFAULT_SQLITE as GUID_DEFAULT_SQLITE
 from fastapi_sessionmaker.guid_type import (
@@ -81,6 +84,7 @@ __all__ = [
     "ReadOnlySessionError",
     "ResponseStartedError",
     "SessionClosedError",
+    "TransactionSettingsError",
     "async_setup_guids_postgresql",
     "context_session",
     "default_error_mapper",
@@ -91,5 +95,7 @@ __all__ = [
     "on_commit",
     "on_rollback",
     "pool_stats",
+    "set_local",
     "setup_guids_postgresql",
+    "use_schemas",
 ]

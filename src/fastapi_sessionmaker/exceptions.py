@@ -11,7 +11,9 @@ the HTTP edge as they were raised. What this package adds is for configuration a
     ├── ReadOnlySessionError (also a RuntimeError)   a flush of ORM changes in a read-only session
     ├── ResponseStartedError (also a RuntimeError)   a write through a request session after its
     │                                                response started (a streaming body)
-    └── SessionClosedError (also a RuntimeError)     a callback registered on a session already closed
+    ├── SessionClosedError (also a RuntimeError)     a callback registered on a session already closed
+    └── TransactionSettingsError (also a RuntimeError) ``set_local()`` where no transaction-scoped
+                                                     setting exists (MariaDB, MySQL, SQLite)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "ReadOnlySessionError",
     "ResponseStartedError",
     "SessionClosedError",
+    "TransactionSettingsError",
 ]
 
 
@@ -83,3 +86,14 @@ class ResponseStartedError(FastAPISessionMakerError, RuntimeError):
 
 class SessionClosedError(FastAPISessionMakerError, RuntimeError):
     """``on_commit`` / ``on_rollback`` on a session whose unit of work has already ended."""
+
+
+class TransactionSettingsError(FastAPISessionMakerError, RuntimeError):
+    """``set_local()`` was asked for a setting that cannot be scoped to the transaction.
+
+    Per-transaction settings (``set_config(name, value, true)``) exist on PostgreSQL only:
+    MariaDB and MySQL have no transaction-scoped variables and SQLite has no settings, so a
+    session on those databases refuses them instead of letting a value outlive its transaction.
+    Also raised for an ``AsyncSession`` whose transaction is already open (the setting must be
+    applied at once): use ``await session.run_sync(set_local, name, value)``.
+    """
