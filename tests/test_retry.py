@@ -1,10 +1,18 @@
-"""Retries of a whole unit of work (``_retry``, the makers' ``run_in_transaction``), both twins."""
+"""Retries of a whole unit of work (``_retry``, the makers' ``run_in_transaction``), both twins.
+
+Real conflicts: SERIALIZABLE read-modify-write of one counter by 8 concurrent workers (PostgreSQL:
+serialization failures; MariaDB: deadlocks), and deadlocks of two workers locking two rows in
+opposite order on both. Bounded in time: PostgreSQL looks for deadlocks after 50 ms here
+(``SET LOCAL deadlock_timeout``, superuser only), MariaDB at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -14,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker, is_retryable
+from fastapi_sessionmaker._errors import error_code
 from fastapi_sessionmaker._retry import BASE_DELAY, MAX_DELAY, backoff
 from tests import conflicts
 from tests.conftest import Maker, MakerFactory
@@ -263,3 +272,179 @@ def test_joined_to_a_test_transaction_the_isolation_level_is_left_alone(
 
         asyncio.run(main())
     assert conflicts.value_of(sync_engine, 1) == 0  # rolled back with the test's transaction
+
+
+# -- real conflicts ------------------------------------------------------------------------------
+
+
+def counter_race(maker: Maker, *, attempts: int) -> list[BaseException]:
+    """8 workers (threads, or tasks for the async twin) x 25 SERIALIZABLE read-modify-write
+    increments of one counter; the errors of the increments that failed for good."""
+    read = sa.select(COUNTER.c.value).where(COUNTER.c.id == 1)
+    errors: list[BaseException] = []
+
+    def increment_sync(session: Session) -> None:
+        value = session.execute(read).scalar_one()
+        session.execute(COUNTER.update().where(COUNTER.c.id == 1).values(value=value + 1))
+
+    async def increment_async(session: AsyncSession) -> None:
+        value = (await session.execute(read)).scalar_one()
+        await session.execute(COUNTER.update().where(COUNTER.c.id == 1).values(value=value + 1))
+
+    if isinstance(maker, FastAPISessionMaker):
+        start = threading.Barrier(WORKERS, timeout=conflicts.TIMEOUT)
+
+        def worker() -> None:
+            start.wait()
+            for _ in range(INCREMENTS):
+                try:
+                    maker.run_in_transaction(
+                        increment_sync, attempts=attempts, isolation_level="SERIALIZABLE"
+                    )
+                except sa.exc.DBAPIError as exc:
+                    errors.append(exc)
+
+        with ThreadPoolExecutor(WORKERS) as pool:
+            for future in [pool.submit(worker) for _ in range(WORKERS)]:
+                future.result(timeout=60)
+    else:
+
+        async def task() -> None:
+            for _ in range(INCREMENTS):
+                try:
+                    await maker.run_in_transaction(
+                        increment_async, attempts=attempts, isolation_level="SERIALIZABLE"
+                    )
+                except sa.exc.DBAPIError as exc:
+                    errors.append(exc)
+
+        async def main() -> None:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(task() for _ in range(WORKERS))), 60)
+            finally:
+                await maker.dispose()
+
+        asyncio.run(main())
+    return errors
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_serializable_increments_without_retry_fail(
+    make_maker: MakerFactory, sync_engine: sa.Engine, backend: str
+) -> None:
+    """PostgreSQL: serialization failures (40001). MariaDB's SERIALIZABLE reads take shared locks,
+    so two increments that read the counter together deadlock when both update it (1213)."""
+    conflicts.reset_rows(sync_engine)
+    maker = make_maker(engine_options={"pool_size": WORKERS, "max_overflow": 0})
+
+    errors = counter_race(maker, attempts=1)
+
+    assert errors, "no serialization failure: the workers did not overlap"
+    assert {error_code(e) for e in errors} == {"40001" if backend == "postgresql" else "1213"}
+    assert all(is_retryable(e) for e in errors)
+    assert conflicts.value_of(sync_engine, 1) == WORKERS * INCREMENTS - len(errors) < 200
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_serializable_increments_with_retries_all_count(
+    make_maker: MakerFactory, sync_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    conflicts.reset_rows(sync_engine)
+    maker = make_maker(engine_options={"pool_size": WORKERS, "max_overflow": 0})
+
+    with caplog.at_level(logging.WARNING, logger="fastapi_sessionmaker"):
+        errors = counter_race(maker, attempts=30)
+
+    assert errors == []
+    assert conflicts.value_of(sync_engine, 1) == WORKERS * INCREMENTS == 200
+    assert retry_records(caplog), "no retry: the workers did not overlap"
+
+
+class Gate:
+    """Two tasks wait here until both arrived (``asyncio.Barrier`` needs Python 3.11)."""
+
+    def __init__(self) -> None:
+        self.arrived = 0
+        self.open = asyncio.Event()
+
+    async def wait(self) -> None:
+        self.arrived += 1
+        if self.arrived == 2:
+            self.open.set()
+        await asyncio.wait_for(self.open.wait(), conflicts.TIMEOUT)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_a_real_deadlock_is_retried_and_both_transactions_commit(
+    make_maker: MakerFactory, sync_engine: sa.Engine, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two workers lock rows 1 and 2 in opposite order; on their first attempt both hold their
+    first row before asking for the second. The database aborts one: it is retried, once."""
+    conflicts.reset_rows(sync_engine)
+    maker = make_maker()
+    fast = conflicts.deadlock_timeout_sql(backend, 50)
+    attempts = {1: 0, 2: 0}
+    bump = COUNTER.update().where(COUNTER.c.id.in_([1, 2])).values(value=COUNTER.c.value + 1)
+
+    def worker_sync(first: int, second: int, gate: threading.Barrier) -> Callable[[Session], None]:
+        def work(session: Session) -> None:
+            attempts[first] += 1
+            if fast is not None:
+                session.execute(fast)
+            session.execute(conflicts.lock_sql(first))
+            if attempts[first] == 1:
+                gate.wait()
+            session.execute(conflicts.lock_sql(second))
+            session.execute(bump)
+
+        return work
+
+    def worker_async(first: int, second: int, gate: Gate) -> Callable[[AsyncSession], Awaitable[None]]:
+        async def work(session: AsyncSession) -> None:
+            attempts[first] += 1
+            if fast is not None:
+                await session.execute(fast)
+            await session.execute(conflicts.lock_sql(first))
+            if attempts[first] == 1:
+                await gate.wait()
+            await session.execute(conflicts.lock_sql(second))
+            await session.execute(bump)
+
+        return work
+
+    with caplog.at_level(logging.WARNING, logger="fastapi_sessionmaker"):
+        if isinstance(maker, FastAPISessionMaker):
+            barrier = threading.Barrier(2, timeout=conflicts.TIMEOUT)
+            with ThreadPoolExecutor(2) as pool:
+                futures = [
+                    pool.submit(maker.run_in_transaction, worker_sync(a, b, barrier), attempts=3)
+                    for a, b in ((1, 2), (2, 1))
+                ]
+                for future in futures:
+                    future.result(timeout=30)
+        else:
+
+            async def main() -> None:
+                assert isinstance(maker, AsyncFastAPISessionMaker)
+                gate = Gate()
+                try:
+                    await asyncio.wait_for(
+                        asyncio.gather(
+                            *(
+                                maker.run_in_transaction(worker_async(a, b, gate), attempts=3)
+                                for a, b in ((1, 2), (2, 1))
+                            )
+                        ),
+                        30,
+                    )
+                finally:
+                    await maker.dispose()
+
+            asyncio.run(main())
+
+    assert sorted(attempts.values()) == [1, 2]  # one victim, retried once
+    assert conflicts.value_of(sync_engine, 1) == conflicts.value_of(sync_engine, 2) == 2
+    (record,) = retry_records(caplog)
+    assert getattr(record, "attempt", None) == 1
+    assert getattr(record, "error_code", None) == ("40P01" if backend == "postgresql" else "1213")
+    assert "FOR UPDATE" not in record.getMessage()
