@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import asyncpg
 import httpx
 import psycopg
@@ -23,7 +24,14 @@ from fastapi import FastAPI
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 
 from fastapi_sessionmaker import default_error_mapper
-from fastapi_sessionmaker._errors import classify, is_connection_error, is_integrity_error
+from fastapi_sessionmaker._errors import (
+    classify,
+    error_code,
+    is_connection_error,
+    is_integrity_error,
+    is_retryable,
+)
+from tests import conflicts
 from tests.conftest import MakerFactory
 
 # Every DBAPIError class but IntegrityError and InterfaceError (those two decide by class).
@@ -97,7 +105,6 @@ CASES: list[tuple[str, Callable[[Path], BaseException], int]] = [
     ("asyncpg-23505-adapted", lambda _: asyncpg_adapted(apg.UniqueViolationError("x")), 409),
     ("asyncpg-23503-adapted", lambda _: asyncpg_adapted(apg.ForeignKeyViolationError("x")), 409),
     ("asyncpg-42703-adapted", lambda _: asyncpg_adapted(apg.UndefinedColumnError("x")), 500),
-    ("asyncpg-40001-adapted", lambda _: asyncpg_adapted(apg.SerializationError("x")), 500),
     ("psycopg-57P03", lambda _: psycopg.errors.CannotConnectNow("starting up"), 503),
     ("psycopg-57P01", lambda _: psycopg.errors.AdminShutdown("terminating connection"), 503),
     ("psycopg-53300", lambda _: psycopg.errors.TooManyConnections("too many"), 503),
@@ -137,8 +144,63 @@ def test_the_code_decides_whatever_the_class(
     assert problem.status == status, (type(orig), exc)
     assert is_connection_error(exc) is (status == 503)
     assert is_integrity_error(exc) is (status == 409)
+    assert not is_retryable(exc)
     if status == 503:
         assert problem.headers == {"Retry-After": "1"}
+
+
+# (id, orig factory, code, retryable). Serialization failures and deadlocks are retryable; lock
+# wait timeouts are not (the lock holder is still there). All of them are 503 with Retry-After.
+CONFLICTS: list[tuple[str, Callable[[], BaseException], str, bool]] = [
+    ("psycopg-40001", lambda: psycopg.errors.SerializationFailure("could not serialize"), "40001", True),
+    ("psycopg-40P01", lambda: psycopg.errors.DeadlockDetected("deadlock detected"), "40P01", True),
+    ("asyncpg-40001-adapted", lambda: asyncpg_adapted(apg.SerializationError("x")), "40001", True),
+    ("asyncpg-40P01-adapted", lambda: asyncpg_adapted(apg.DeadlockDetectedError("x")), "40P01", True),
+    ("pymysql-1213", lambda: pymysql_error(1213, "40001", "Deadlock found"), "1213", True),
+    ("pymysql-1020", lambda: pymysql_error(1020, "HY000", "Record has changed"), "1020", True),
+    ("pymysql-1205", lambda: pymysql_error(1205, "HY000", "Lock wait timeout"), "1205", False),
+    ("psycopg-55P03", lambda: psycopg.errors.LockNotAvailable("could not obtain lock"), "55P03", False),
+    ("asyncpg-55P03-adapted", lambda: asyncpg_adapted(apg.LockNotAvailableError("x")), "55P03", False),
+]
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS, ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize(
+    ("make_orig", "code", "retryable"), [c[1:] for c in CONFLICTS], ids=[c[0] for c in CONFLICTS]
+)
+def test_serialization_failures_and_deadlocks_are_retryable_and_503_whatever_the_class(
+    make_orig: Callable[[], BaseException], code: str, retryable: bool, wrapper: type[sa.exc.DBAPIError]
+) -> None:
+    exc = wrapper("UPDATE t SET v = %(v)s", {"v": 1}, make_orig())
+    assert is_retryable(exc) is retryable
+    assert error_code(exc) == code
+    problem = default_error_mapper(exc, retry_after=2)
+    assert problem is not None
+    assert (problem.status, problem.headers) == (503, {"Retry-After": "2"})
+    assert "retry" in problem.detail
+    assert not is_connection_error(exc)
+    assert not is_integrity_error(exc)
+
+
+def test_unwrapped_asyncpg_conflicts_are_retryable() -> None:
+    """asyncpg's own exception, when SQLAlchemy did not wrap it, is classified by its SQLSTATE."""
+    for error in (apg.SerializationError("x"), apg.DeadlockDetectedError("x")):
+        assert is_retryable(error)
+        assert default_error_mapper(error).status == 503  # type: ignore[union-attr]
+    assert not is_retryable(apg.UniqueViolationError("x"))
+    assert not is_retryable(apg.LockNotAvailableError("x"))
+
+
+def test_what_is_not_retryable() -> None:
+    serialization = psycopg.errors.SerializationFailure("could not serialize")
+    assert not is_retryable(sa.exc.IntegrityError("INSERT", {}, serialization))  # the class decides
+    assert not is_retryable(sa.exc.IntegrityError("INSERT", {}, psycopg.errors.UniqueViolation("dup")))
+    assert not is_retryable(sa.exc.OperationalError("SELECT 1", {}, psycopg.OperationalError("lost")))
+    assert not is_retryable(sa.exc.OperationalError("x", {}, pymysql_error(2013, "HY000", "Lost")))
+    assert not is_retryable(sa.exc.PendingRollbackError("roll back first"))
+    assert not is_retryable(ValueError("not a database error"))
+    assert not is_retryable(ConnectionRefusedError(111, "Connection refused"))
+    assert error_code(ValueError("no code")) is None
 
 
 def test_what_dbapierror_instance_builds_is_classified_by_code() -> None:
@@ -314,3 +376,91 @@ def test_a_driver_error_that_sqlalchemy_did_not_wrap_is_classified_too() -> None
         500,
     ]
     assert default_error_mapper(ValueError("not a database error")) is None
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_a_deadlock_without_retry_is_503_with_retry_after(
+    make_maker: MakerFactory, sync_engine: sa.Engine, backend: str, serve: Callable[..., httpx.Client]
+) -> None:
+    """The endpoint's transaction holds row 1 and asks for row 2, which another transaction holds
+    while it waits for row 1: a real deadlock (PostgreSQL 40P01, MariaDB 1213), our side its victim."""
+    conflicts.reset_rows(sync_engine)
+    maker = make_maker()
+    app = FastAPI()
+    maker.init_app(app)
+    Db = Annotated[Any, maker.dependency]
+    fast = conflicts.deadlock_timeout_sql(backend, 50)
+    other = conflicts.OtherSide(sync_engine, backend)
+    if maker.is_async:
+
+        @app.post("/deadlock")
+        async def deadlock_async(session: Db) -> int:
+            assert await anyio.to_thread.run_sync(other.holds_row_2.wait, conflicts.TIMEOUT)
+            if fast is not None:
+                await session.execute(fast)
+            await session.execute(conflicts.lock_sql(1))
+            other.other_holds_row_1.set()
+            await session.execute(conflicts.lock_sql(2))
+            return 1
+    else:
+
+        @app.post("/deadlock")
+        def deadlock_sync(session: Db) -> int:
+            assert other.holds_row_2.wait(conflicts.TIMEOUT)
+            if fast is not None:
+                session.execute(fast)
+            session.execute(conflicts.lock_sql(1))
+            other.other_holds_row_1.set()
+            session.execute(conflicts.lock_sql(2))
+            return 1
+
+    client = serve(app)
+    with other:
+        response = client.post("/deadlock")
+
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["detail"].endswith("retry the request.")
+    assert conflicts.value_of(sync_engine, 1) == 100  # the other side went on and committed
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_serialization_failure_without_retry_is_503_with_retry_after(
+    make_maker: MakerFactory, sync_engine: sa.Engine, serve: Callable[..., httpx.Client]
+) -> None:
+    """REPEATABLE READ, then another transaction commits an update of the row we read, then we
+    update it: PostgreSQL's "could not serialize access due to concurrent update" (40001)."""
+    conflicts.reset_rows(sync_engine)
+    maker = make_maker()
+    app = FastAPI()
+    maker.init_app(app)
+    Db = Annotated[Any, maker.dependency]
+    repeatable = sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    read = sa.text("SELECT value FROM fsm_conflict_rows WHERE id = 1")
+    bump = sa.text("UPDATE fsm_conflict_rows SET value = value + 1 WHERE id = 1")
+    if maker.is_async:
+
+        @app.post("/bump")
+        async def bump_async(session: Db) -> int:
+            await session.execute(repeatable)
+            await session.execute(read)
+            await anyio.to_thread.run_sync(conflicts.side_update, sync_engine, 1)
+            await session.execute(bump)
+            return 1
+    else:
+
+        @app.post("/bump")
+        def bump_sync(session: Db) -> int:
+            session.execute(repeatable)
+            session.execute(read)
+            conflicts.side_update(sync_engine, 1)
+            session.execute(bump)
+            return 1
+
+    response = serve(app).post("/bump")
+
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert conflicts.value_of(sync_engine, 1) == 1000  # ours rolled back, the other one stored

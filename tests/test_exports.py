@@ -35,6 +35,7 @@ EXPECTED_ROOT = {
     "CommitPolicy",
     "Problem",
     "default_error_mapper",
+    "is_retryable",
     # settings
     "DatabaseSettings",
     # health and pool stats

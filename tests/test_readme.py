@@ -80,6 +80,15 @@ def test_other_examples_run(index: int, in_tmp_dir: Path) -> None:
     exec(python_blocks()[index], {"__name__": f"readme_block_{index}"})
 
 
+def test_the_retries_example_runs(in_tmp_dir: Path) -> None:
+    section = README.split("## Retries\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert block in python_blocks()
+    namespace: dict[str, object] = {"__name__": "readme_retries"}
+    exec(block, namespace)
+    assert namespace["left"] == 4
+
+
 def test_tutorial_migration_parameter_order(in_tmp_dir: Path) -> None:
     namespace: dict[str, object] = {"__name__": "readme_migration"}
     (migration,) = [b for b in python_blocks() if "# Tutorial: def read_notes" in b]

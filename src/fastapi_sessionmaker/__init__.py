@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session as _Session
 from fastapi_sessionmaker._async import AsyncFastAPISessionMaker as AsyncFastAPISessionMaker
 from fastapi_sessionmaker._errors import Problem as Problem
 from fastapi_sessionmaker._errors import default_error_mapper as default_error_mapper
+from fastapi_sessionmaker._errors import is_retryable as is_retryable
 from fastapi_sessionmaker._health import health_router as health_router
 from fastapi_sessionmaker._health import pool_stats as pool_stats
 from fastapi_sessionmaker._local import set_local as set_local
@@ -92,6 +93,7 @@ __all__ = [
     "get_engine",
     "get_sessionmaker_for_engine",
     "health_router",
+    "is_retryable",
     "on_commit",
     "on_rollback",
     "pool_stats",

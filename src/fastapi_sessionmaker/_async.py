@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import (
@@ -19,13 +19,19 @@ from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys
 from fastapi_sessionmaker._liveness import install_liveness_check
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
+from fastapi_sessionmaker._retry import run_async
 from fastapi_sessionmaker._sessions import compose_async
 from fastapi_sessionmaker._sync import unavailable
 from fastapi_sessionmaker._unit import AsyncLifecycle
 from fastapi_sessionmaker._urls import missing_driver, unknown_driver
 from fastapi_sessionmaker.exceptions import ConfigurationError
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import IsolationLevel
+
 __all__ = ["AsyncFastAPISessionMaker"]
+
+T = TypeVar("T")
 
 
 class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSession]]):
@@ -110,6 +116,45 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
         commit = self.policy.should_commit(status=None, raised=False)
         async with self.lifecycle.unit(self.cached_sessionmaker(), commit=commit) as session:
             yield session
+
+    async def run_in_transaction(
+        self,
+        fn: Callable[[AsyncSession], Awaitable[T]],
+        /,
+        *,
+        attempts: int = 5,
+        isolation_level: IsolationLevel | None = None,
+    ) -> T:
+        """Run ``await fn(session)`` in a transaction of its own, again after a serialization
+        failure or a deadlock; return what it returned once the transaction committed.
+
+        The async twin of ``FastAPISessionMaker.run_in_transaction``: a fresh ``AsyncSession``
+        and transaction from :meth:`context_session` each attempt, ``attempts`` at most, a
+        jittered exponential backoff between them (``asyncio.sleep``: the event loop goes on),
+        the last error re-raised unchanged, any other error at once.
+
+        Args:
+            fn: The work: a coroutine function taking the session.
+            attempts: How many times ``fn`` may run in all (1: no retry).
+            isolation_level: This transaction's level, e.g. ``"SERIALIZABLE"``; not applied
+                while the maker is joined to a test's transaction.
+
+        Example:
+            >>> import asyncio
+            >>> async def main() -> int:
+            ...     db = AsyncFastAPISessionMaker("sqlite://")
+            ...     async def count(session: AsyncSession) -> int:
+            ...         return (await session.execute(sa.text("SELECT 41 + 1"))).scalar_one()
+            ...     value = await db.run_in_transaction(count, isolation_level="SERIALIZABLE")
+            ...     await db.dispose()
+            ...     return value
+            >>> asyncio.run(main())
+            42
+        """
+        level = None if self._joined is not None else isolation_level
+        return await run_async(
+            self.context_session, fn, attempts=attempts, isolation_level=level, database=self.name
+        )
 
     @contextlib.asynccontextmanager
     async def task_session(self, *, policy: CommitPolicy | str | None = None) -> AsyncIterator[AsyncSession]:

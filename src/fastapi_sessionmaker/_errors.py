@@ -16,8 +16,10 @@ __all__ = [
     "Problem",
     "classify",
     "default_error_mapper",
+    "error_code",
     "is_connection_error",
     "is_integrity_error",
+    "is_retryable",
     "log_mapped",
 ]
 
@@ -70,12 +72,28 @@ _MYSQL_UNAVAILABLE = frozenset({1040, 1053, 1152, 1203, 1226, 1927, 2002, 2003, 
 _MYSQL_INTEGRITY = frozenset(
     {1022, 1048, 1062, 1169, 1216, 1217, 1451, 1452, 1557, 1586, 1761, 1762, 3819, 4025}
 )
+# Serialization failures and deadlocks: the database rolled the transaction back so that another one
+# could go on. The same transaction, run again from the start, normally succeeds. PostgreSQL:
+# serialization_failure, deadlock_detected (whatever the driver's class: psycopg raises
+# OperationalError, asyncpg a plain DBAPIError). MySQL/MariaDB: 1213 deadlock (also Galera's
+# certification failure), 1020 "record has changed since last read" (MariaDB's REPEATABLE READ
+# under innodb_snapshot_isolation, "try restarting transaction").
+_PG_RETRYABLE = frozenset({"40001", "40P01"})
+_MYSQL_RETRYABLE = frozenset({1020, 1213})
+# Lock wait timeouts: MySQL/MariaDB 1205 (innodb_lock_wait_timeout), PostgreSQL 55P03
+# (lock_timeout, NOWAIT). Not retried: the transaction that holds the lock is still there, so a
+# retry waits the whole timeout again (50 s by default on InnoDB), and InnoDB rolls back only the
+# statement, not the transaction. Busy rather than broken: 503 at the HTTP edge.
+_MYSQL_LOCK_TIMEOUT = frozenset({1205})
+_PG_LOCK_TIMEOUT = frozenset({"55P03"})
 # SQLite primary result codes: SQLITE_BUSY, SQLITE_LOCKED, SQLITE_CANTOPEN; SQLITE_CONSTRAINT.
 _SQLITE_UNAVAILABLE = frozenset({5, 6, 14})
 _SQLITE_CONSTRAINT = 19
 
 UNAVAILABLE = "unavailable"
 INTEGRITY = "integrity"
+RETRYABLE = "retryable"
+LOCK_TIMEOUT = "lock_timeout"
 OTHER = "other"
 
 
@@ -123,12 +141,14 @@ def _sqlite_kind(orig: BaseException | None) -> str:
 
 def classify(orig: BaseException | None) -> str | None:
     """What a driver's exception means by its code, whatever its class: ``"unavailable"``,
-    ``"integrity"``, ``"other"``, or ``None`` when it carries no code this package knows.
+    ``"integrity"``, ``"retryable"`` (serialization failure, deadlock), ``"lock_timeout"``,
+    ``"other"``, or ``None`` when it carries no code this package knows.
 
     SQLite's result code decides for sqlite3 / aiosqlite; a MySQL/MariaDB error number we know
     comes before the SQLSTATE (MySQL's SQLSTATEs are coarse: ``42000`` is also "too many
     connections for this user"); then the SQLSTATE (class 08, 53300, 57P01-57P03: unavailable;
-    class 23: integrity), from psycopg, asyncpg or the MySQL drivers.
+    class 23: integrity; 40001, 40P01: retryable; 55P03: lock timeout), from psycopg, asyncpg or
+    the MySQL drivers.
 
     Example:
         >>> import sqlite3
@@ -142,12 +162,36 @@ def classify(orig: BaseException | None) -> str | None:
         return UNAVAILABLE
     if errno_ in _MYSQL_INTEGRITY:
         return INTEGRITY
+    if errno_ in _MYSQL_RETRYABLE:
+        return RETRYABLE
+    if errno_ in _MYSQL_LOCK_TIMEOUT:
+        return LOCK_TIMEOUT
     sqlstate = _sqlstate(orig)
     if sqlstate is not None:
         if sqlstate.startswith("08") or sqlstate in _PG_UNAVAILABLE:
             return UNAVAILABLE
+        if sqlstate in _PG_RETRYABLE:
+            return RETRYABLE
+        if sqlstate in _PG_LOCK_TIMEOUT:
+            return LOCK_TIMEOUT
         return INTEGRITY if sqlstate.startswith("23") else OTHER
     return None if errno_ is None else OTHER
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The driver's code of ``exc`` as text, for logs: the MySQL/MariaDB error number, else the
+    SQLSTATE; ``None`` when it carries neither (nothing else of the error: no SQL, no parameters).
+
+    Example:
+        >>> import sqlalchemy as sa
+        >>> import pymysql
+        >>> deadlock = pymysql.err.OperationalError(1213, "Deadlock found")
+        >>> error_code(sa.exc.OperationalError("SELECT 1", {}, deadlock))
+        '1213'
+    """
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    number = _mysql_errno(orig)
+    return str(number) if number is not None else _sqlstate(orig)
 
 
 _DRIVER_PACKAGES = frozenset(
@@ -176,6 +220,39 @@ def is_integrity_error(exc: BaseException) -> bool:
     if isinstance(exc, sa.exc.DBAPIError):
         return classify(exc.orig) == INTEGRITY
     return _driver_error(exc) and classify(exc) == INTEGRITY
+
+
+def _code_kind(exc: BaseException) -> str | None:
+    """:func:`classify` of a wrapped driver error's ``orig``, or of a driver error SQLAlchemy did
+    not wrap; ``None`` for anything else."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        return classify(exc.orig)
+    return classify(exc) if _driver_error(exc) else None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for a serialization failure or a deadlock: the database rolled the transaction back so
+    that a concurrent one could go on, and the whole transaction, run again, normally succeeds.
+
+    Decided by the driver's code, whatever class SQLAlchemy gave the error (psycopg raises
+    ``OperationalError``, asyncpg a plain ``DBAPIError``; asyncpg's own exception unwrapped counts
+    too): SQLSTATE 40001 (serialization failure) and 40P01 (deadlock), MySQL/MariaDB 1213
+    (deadlock, also Galera's certification failure) and 1020 (MariaDB's "record has changed since
+    last read" under ``innodb_snapshot_isolation``). A lock wait timeout (MySQL 1205, PostgreSQL
+    55P03) is *not* retryable: the transaction holding the lock is still there, so a retry would
+    wait the whole timeout again (50 s by default on InnoDB). Integrity violations never are.
+
+    Example:
+        >>> import psycopg
+        >>> import sqlalchemy as sa
+        >>> is_retryable(sa.exc.OperationalError("UPDATE ...", {}, psycopg.errors.SerializationFailure()))
+        True
+        >>> is_retryable(sa.exc.IntegrityError("INSERT ...", {}, psycopg.errors.UniqueViolation()))
+        False
+    """
+    if isinstance(exc, sa.exc.IntegrityError):
+        return False
+    return _code_kind(exc) == RETRYABLE
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -210,10 +287,20 @@ def default_error_mapper(exc: BaseException, *, retry_after: int = 1) -> Problem
     """Map a database error to a :class:`Problem`; ``None`` for anything that is not one.
 
     Integrity violations are 409; connection loss, pool timeout or an unreachable database are
-    503 with ``Retry-After``; any other SQLAlchemy error is 500. A driver error is classified by
-    its SQLSTATE or error number, whatever class SQLAlchemy gave it (see :func:`classify`), also
-    when SQLAlchemy did not wrap it (asyncpg's connection-time errors on some Pythons).
-    Messages never contain SQL, parameters or the URL.
+    503 with ``Retry-After``; a serialization failure or deadlock (:func:`is_retryable`) that no
+    retry absorbed, and a lock wait timeout, are 503 with ``Retry-After`` too; any other
+    SQLAlchemy error is 500. A driver error is classified by its SQLSTATE or error number,
+    whatever class SQLAlchemy gave it (see :func:`classify`), also when SQLAlchemy did not wrap it
+    (asyncpg's connection-time errors on some Pythons). Messages never contain SQL, parameters or
+    the URL.
+
+    Why 503 and not 409 for a serialization failure or deadlock: 409 already says "this request
+    conflicts with data already stored", which sending it again will not change (clients do not
+    retry a 409). A serialization failure or deadlock is transient: the transaction was rolled
+    back (nothing was stored, so resending is safe, even a ``POST``) and the same request, sent
+    again, normally succeeds. 503 with ``Retry-After`` is the status HTTP defines for "not now,
+    try again after", which generic clients already act on (urllib3's ``Retry`` honours
+    ``Retry-After`` on 503), and it is logged as a warning, not as a server error.
 
     Example:
         >>> import sqlalchemy as sa
@@ -222,6 +309,14 @@ def default_error_mapper(exc: BaseException, *, retry_after: int = 1) -> Problem
     """
     if is_integrity_error(exc):
         return Problem(409, "Conflict", "The request conflicts with data already stored.")
+    kind = _code_kind(exc)
+    if kind in (RETRYABLE, LOCK_TIMEOUT):
+        detail = (
+            "The transaction conflicted with a concurrent one and was rolled back; retry the request."
+            if kind == RETRYABLE
+            else "The database waited too long for a lock and the transaction was rolled back; retry later."
+        )
+        return Problem(503, "Service Unavailable", detail, headers={"Retry-After": str(retry_after)})
     if is_connection_error(exc):
         return Problem(
             503,

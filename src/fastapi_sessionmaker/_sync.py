@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import sqlalchemy as sa
@@ -15,12 +15,18 @@ from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys
 from fastapi_sessionmaker._liveness import install_liveness_check
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
+from fastapi_sessionmaker._retry import run_sync
 from fastapi_sessionmaker._sessions import ReadOnlySession
 from fastapi_sessionmaker._unit import SyncLifecycle, sync_unit
 from fastapi_sessionmaker._urls import missing_driver, scrub, unknown_driver
 from fastapi_sessionmaker.exceptions import DatabaseUnavailableError
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import IsolationLevel
+
 __all__ = ["FastAPISessionMaker", "ReadOnlySession"]
+
+T = TypeVar("T")
 
 
 def create_checked_engine(
@@ -130,6 +136,45 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
         commit = self.policy.should_commit(status=None, raised=False)
         with sync_unit(self.cached_sessionmaker(), commit=commit) as session:
             yield session
+
+    def run_in_transaction(
+        self,
+        fn: Callable[[Session], T],
+        /,
+        *,
+        attempts: int = 5,
+        isolation_level: IsolationLevel | None = None,
+    ) -> T:
+        """Run ``fn(session)`` in a transaction of its own, again after a serialization failure or
+        a deadlock; return what it returned once the transaction committed.
+
+        Each attempt gets a fresh session and transaction from :meth:`context_session` (the
+        maker's policy: under ``AUTO`` it commits at the end). A serialization failure or a
+        deadlock (:func:`~fastapi_sessionmaker.is_retryable`), raised by ``fn`` or by the commit,
+        rolls the attempt back, waits a jittered exponential backoff (up to 10 ms, doubling, at
+        most 0.5 s) and starts over, ``attempts`` times at most; then the last error is re-raised
+        unchanged. Any other error is re-raised at once. Each retry is logged at WARNING. ``fn``
+        may run more than once: keep what cannot be undone (e-mails, HTTP calls) out of it.
+
+        Args:
+            fn: The work, done with the session it is given.
+            attempts: How many times ``fn`` may run in all (1: no retry).
+            isolation_level: This transaction's level, e.g. ``"SERIALIZABLE"``, set on its
+                connection and reset when the connection goes back to the pool. Not applied while
+                the maker is joined to a test's transaction (:meth:`join`), which has its own.
+
+        Example:
+            >>> db = FastAPISessionMaker("sqlite://")
+            >>> def count(session: Session) -> int:
+            ...     return session.execute(sa.text("SELECT 41 + 1")).scalar_one()
+            >>> db.run_in_transaction(count, isolation_level="SERIALIZABLE")
+            42
+            >>> db.dispose()
+        """
+        level = None if self._joined is not None else isolation_level
+        return run_sync(
+            self.context_session, fn, attempts=attempts, isolation_level=level, database=self.name
+        )
 
     @contextlib.contextmanager
     def task_session(self, *, policy: CommitPolicy | str | None = None) -> Iterator[Session]:
