@@ -113,7 +113,7 @@ class MakerBase(Generic[EngineT, FactoryT]):
         self.session_options.update(session_options or {})
         self._engine: EngineT | None = None
         self._sessionmaker: FactoryT | None = None
-        self._dependencies: dict[CommitPolicy | None, Any] = {}
+        self._dependencies: dict[tuple[CommitPolicy | None, int], Any] = {}
         # Set by :meth:`join` while a test runs: every session this maker hands out joins the
         # test's connection (``join_transaction_mode="create_savepoint"``).
         self._joined: FactoryT | None = None
@@ -227,8 +227,15 @@ class MakerBase(Generic[EngineT, FactoryT]):
     def _sessionmaker_class(self) -> Any:
         raise NotImplementedError
 
-    def depends(self, *, policy: CommitPolicy | str | None = None) -> Any:
+    def depends(self, *, policy: CommitPolicy | str | None = None, retries: int = 0) -> Any:
         """A ``Depends`` for this maker's request session, optionally with its own policy.
+
+        Args:
+            policy: The commit policy of this endpoint's session (default: the maker's).
+            retries: Re-run the whole request up to this many times when a serialization
+                failure or deadlock (see :func:`is_retryable`) rolls it back *before* the status
+                line was sent (in the endpoint or at the commit), with a jittered backoff. The
+                request body is replayed; nothing is ever retried after the response started.
 
         Example:
             >>> from typing import Annotated
@@ -236,10 +243,13 @@ class MakerBase(Generic[EngineT, FactoryT]):
             >>> from fastapi_sessionmaker import FastAPISessionMaker
             >>> db = FastAPISessionMaker("sqlite://")
             >>> ReadSession = Annotated[Session, db.depends(policy="read_only")]
+            >>> RetriedSession = Annotated[Session, db.depends(retries=3)]
         """
-        key = None if policy is None else CommitPolicy(policy)
+        if retries < 0:
+            raise ValueError(f"retries={retries}: give 0 (no retry) or more")
+        key = (None if policy is None else CommitPolicy(policy), retries)
         if key not in self._dependencies:
-            self._dependencies[key] = Depends(dependency_for(lambda state: self, key))
+            self._dependencies[key] = Depends(dependency_for(lambda state: self, key[0], retries))
         return self._dependencies[key]
 
     def init_app(

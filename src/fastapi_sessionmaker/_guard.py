@@ -4,6 +4,7 @@ sent, turns a failed commit into a problem response, and closes the sessions whe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastapi_sessionmaker._errors import Problem, log_mapped
+from fastapi_sessionmaker._errors import Problem, is_retryable, log_mapped
 from fastapi_sessionmaker._request import (
     ErrorMapper,
     Registry,
@@ -21,6 +22,7 @@ from fastapi_sessionmaker._request import (
     enter_state,
     reset_state,
 )
+from fastapi_sessionmaker._retry import next_delay
 from fastapi_sessionmaker._shield import poll_receive, run_to_completion
 
 if TYPE_CHECKING:
@@ -42,6 +44,17 @@ async def _send_problem(send: Send, problem: Problem) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _RetryRequest(BaseException):
+    """Raised through the app by the guard's ``send`` to abandon an attempt that will be re-run.
+
+    A ``BaseException``: no exception handler of the app may take it for an error of its own.
+    """
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
 _INTERNAL = Problem(500, "Internal Server Error", "The request could not be completed.")
 
 
@@ -56,6 +69,8 @@ class _Exchange:
     replaced = False
     disconnected = False
     unread: list[Message] | None = None
+    received: list[Message] | None = None  # what the app was given: replayed by a retry
+    attempt = 1
 
     def __init__(self, guard: SessionGuard, scope: Scope, receive: Receive, send: Send) -> None:
         self.state = RequestState(guard.registry)
@@ -64,14 +79,37 @@ class _Exchange:
         self._receive = receive
         self._send = send
 
+    def again(self) -> _Exchange:
+        """The next attempt of this request: a fresh state, the request body replayed."""
+        retry = _Exchange(self.guard, self.scope, self._receive, self._send)
+        retry.attempt = self.attempt + 1
+        retry.disconnected = self.disconnected
+        replay = [*(self.received or ()), *(self.unread or ())]
+        retry.unread = replay or None
+        return retry
+
+    def may_retry(self, exc: BaseException) -> bool:
+        """Whether a retryable failure can re-run the request: nothing sent, attempts left."""
+        return (
+            not self.started
+            and not self.state.client_gone
+            and self.attempt <= self.state.retries
+            and is_retryable(exc)
+        )
+
     async def receive(self) -> Message:
         if self.unread:
-            return self.unread.pop(0)
-        if self.disconnected:
+            message = self.unread.pop(0)
+        elif self.disconnected:
             return {"type": "http.disconnect"}
-        message = await self._receive()
-        if message["type"] == "http.disconnect":
-            self.disconnected = True
+        else:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                return message
+        if self.received is None:
+            self.received = []
+        self.received.append(message)
         return message
 
     async def gone(self) -> bool:
@@ -104,6 +142,9 @@ class _Exchange:
                     self.scope.get("method", ""),
                     self.scope.get("path", ""),
                 )
+            cause = failure[0] if failure is not None else None
+            if isinstance(cause, Exception) and self.may_retry(cause):
+                raise _RetryRequest(cause)  # unwinds the app: its response is never sent
             self.started = True
             if failure is not None:
                 self.replaced = True
@@ -115,13 +156,15 @@ class _Exchange:
         if message["type"] == "http.response.body" and not message.get("more_body"):
             await self.close_all()
 
-    async def close_all(self) -> None:
+    async def close_all(self, *, retrying: bool = False) -> None:
         state = self.state
         if state.needs_io_to_close():
             await run_to_completion(state.close)
         else:
             await state.close()  # nothing to roll back: no I/O, so nothing to interrupt
-        if state.ready:  # on_commit / on_rollback callbacks: the response has been sent
+        if retrying:
+            state.ready = None  # a failed attempt's callbacks are discarded
+        elif state.ready:  # on_commit / on_rollback callbacks: the response has been sent
             where = f"{self.scope.get('method', '')} {self.scope.get('path', '')}"
             await run_to_completion(state.run_callbacks, where)
 
@@ -141,33 +184,52 @@ class SessionGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(self, scope, receive, send)
-        state = exchange.state
+        exchange: _Exchange | None = _Exchange(self, scope, receive, send)
+        while exchange is not None:
+            exchange = await self._attempt(exchange)
+
+    async def _attempt(self, exchange: _Exchange) -> _Exchange | None:
+        """Serve one attempt of the request; the next attempt when this one is to be retried."""
+        scope, state = exchange.scope, exchange.state
         token = enter_state(state)
+        retry: Exception | None = None
         try:
             await self.app(scope, exchange.receive, exchange.send)
+        except _RetryRequest as signal:
+            retry = signal.cause
         except Exception as exc:
             if state.entries:
                 state.raised = True
                 await run_to_completion(state.finish, None)
             if exchange.started:
                 raise
-            problem = self.registry.error_mapper(exc)
-            if problem is None:
-                raise
-            maker = state.entries[0].maker if state.entries else None
-            log_mapped(
-                problem,
-                exc,
-                method=scope.get("method", ""),
-                path=scope.get("path", ""),
-                database=maker.name if maker is not None else "?",
-            )
-            await _send_problem(send, problem)
+            if exchange.may_retry(exc):
+                retry = exc
+            else:
+                problem = self.registry.error_mapper(exc)
+                if problem is None:
+                    raise
+                maker = state.entries[0].maker if state.entries else None
+                log_mapped(
+                    problem,
+                    exc,
+                    method=scope.get("method", ""),
+                    path=scope.get("path", ""),
+                    database=maker.name if maker is not None else "?",
+                )
+                await _send_problem(exchange._send, problem)
         finally:
             if state.entries:
-                await exchange.close_all()
+                await exchange.close_all(retrying=retry is not None)
             reset_state(token)
+        if retry is None:
+            return None
+        database = state.entries[0].maker.name if state.entries else "?"
+        delay = next_delay(retry, exchange.attempt, state.retries + 1, database)  # logs the retry
+        if delay is None:  # pragma: no cover - may_retry() said yes
+            raise retry
+        await asyncio.sleep(delay)
+        return exchange.again()
 
     def _problem(self, failure: tuple[BaseException, RequestMaker], scope: Scope) -> Problem:
         exc, maker = failure

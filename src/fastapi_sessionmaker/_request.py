@@ -123,6 +123,8 @@ class RequestState:
     # Flags are class-level defaults: a request that opens no session writes none of them.
     raised = False
     client_gone = False
+    retries = 0
+    """How often the guard may re-run this request after a serialization failure or deadlock."""
     ready: list[tuple[list[Callback], str]] | None = None
 
     def __init__(self, registry: Registry) -> None:
@@ -277,7 +279,7 @@ def require_state() -> RequestState:
 
 
 def dependency_for(
-    resolve: Callable[[RequestState], RequestMaker], policy: CommitPolicy | None
+    resolve: Callable[[RequestState], RequestMaker], policy: CommitPolicy | None, retries: int = 0
 ) -> Callable[[HTTPConnection], Awaitable[Any]]:
     """A dependency returning the request's session of ``resolve(state)``.
 
@@ -306,6 +308,8 @@ def dependency_for(
             )
         session = await state.open(resolve(state), policy)
         stack.push(state.record_exit)
+        if retries > state.retries:
+            state.retries = retries
         return session
 
     return request_session

@@ -54,9 +54,9 @@ def check_attempts(attempts: int) -> None:
 def next_delay(exc: Exception, attempt: int, attempts: int, database: str) -> float | None:
     """After failed attempt ``attempt``: the wait before the next one (the retry is logged), or
     ``None`` when ``exc`` is not retried (the caller re-raises it unchanged)."""
-    # A failed attempt ends here: its transaction was rolled back and its session closed. When
-    # after-commit callbacks land (``_unit.py``), the callbacks this attempt registered must be
-    # discarded here, before the next attempt starts: they never run for a rolled-back attempt.
+    # A failed attempt ends here: its transaction was rolled back and its session closed, so its
+    # ``on_commit`` callbacks were discarded (``_oncommit.settle``); the guard's per-route retry
+    # discards its ``on_rollback`` ones too (the request as a whole goes on).
     if attempt >= attempts or not is_retryable(exc):
         return None
     delay = backoff(attempt)

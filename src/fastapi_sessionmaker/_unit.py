@@ -3,8 +3,10 @@
 Every session this package hands out goes through here: request sessions (the guard ends them when
 the status line is due, see :mod:`._guard`), ``context_session()``, ``task_session()`` and
 ``get_db()``. Each maker has one lifecycle object (:class:`SyncLifecycle` or its twin
-:class:`AsyncLifecycle`) behind the :class:`Lifecycle` interface the guard calls; this is where
-after-commit callbacks, per-transaction settings and retries belong.
+:class:`AsyncLifecycle`) behind the :class:`Lifecycle` interface the guard calls. Around it:
+after-commit callbacks (:mod:`._oncommit`, settled and run by the ends here), per-transaction
+settings (:mod:`._local`, applied at every begin) and retries (:mod:`._retry` for units outside
+requests, the guard for ``depends(retries=...)``).
 
 The one rule: commit only when asked to, roll back on any failure (a failed commit included, then
 re-raise it unchanged), always close, and never interrupt an ending half-way.
