@@ -21,7 +21,7 @@ from fastapi import FastAPI, HTTPException
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastapi_sessionmaker import AsyncFastAPISessionMaker
+from fastapi_sessionmaker import AsyncFastAPISessionMaker, on_commit, on_rollback
 from tests.conftest import Databases, Maker, Server, checked_out, pool_of, wait_until
 from tests.models import User, reset_tables, stored_emails
 
@@ -92,15 +92,27 @@ def uvicorn_server() -> Iterator[Callable[[FastAPI], tuple[Server, str]]]:
         server.stop()
 
 
-def disconnecting_app(maker: Maker, entered: threading.Event, release: threading.Event) -> FastAPI:
-    """``POST /write/{email}`` flushes a user (transaction open), then waits for ``release``."""
+def disconnecting_app(
+    maker: Maker, entered: threading.Event, release: threading.Event, outcome: list[str] | None = None
+) -> FastAPI:
+    """``POST /write/{email}`` flushes a user (transaction open), then waits for ``release``.
+
+    With ``outcome``, the request's ``on_commit`` / ``on_rollback`` callbacks append to it.
+    """
     app = FastAPI()
     maker.init_app(app)
     Session = Annotated[Any, maker.dependency]
+
+    def register(session: Any) -> None:
+        if outcome is not None:
+            on_commit(session, lambda: outcome.append("commit"))
+            on_rollback(session, lambda: outcome.append("rollback"))
+
     if maker.is_async:
 
         @app.post("/write/{email}")
         async def write_async(email: str, session: Session) -> dict[str, str]:
+            register(session)
             session.add(User(email=email))
             await session.flush()
             entered.set()
@@ -110,6 +122,7 @@ def disconnecting_app(maker: Maker, entered: threading.Event, release: threading
 
         @app.post("/write/{email}")
         def write_sync(email: str, session: Session) -> dict[str, str]:
+            register(session)
             session.add(User(email=email))
             session.flush()
             entered.set()
@@ -125,7 +138,8 @@ def test_client_gone_before_the_commit_rolls_back(
 ) -> None:
     reset_tables(sync_engine)
     entered, release, finished = threading.Event(), threading.Event(), threading.Event()
-    app = disconnecting_app(maker, entered, release)
+    outcome: list[str] = []
+    app = disconnecting_app(maker, entered, release, outcome)
     app.add_middleware(Finished, event=finished)
     server, base_url = uvicorn_server(app)
     host, port = base_url.removeprefix("http://").split(":")
@@ -138,6 +152,7 @@ def test_client_gone_before_the_commit_rolls_back(
     release.set()
     assert finished.wait(DEADLINE)
     assert_clean(maker, sync_engine)
+    assert outcome == ["rollback"]  # the side effects of a write the client never saw: undone
 
 
 @pytest.mark.parametrize("twin", ["async", "sync"])

@@ -267,3 +267,15 @@ def test_the_testing_helper_sees_and_can_hold_back_the_callbacks(tmp_path: Any) 
         assert log == ["sent", "sent again"]
     finally:
         maker.dispose()
+
+
+def test_the_plugin_fixture_lists_the_callbacks_that_ran(fsm_on_commit: list[Any], tmp_path: Any) -> None:
+    maker = FastAPISessionMaker(f"sqlite:///{tmp_path}/fixture.db")
+    log: list[str] = []
+    try:
+        with maker.context_session() as session:
+            on_commit(session, lambda: log.append("ran"))
+    finally:
+        maker.dispose()
+    assert log == ["ran"]
+    assert len(fsm_on_commit) == 1
