@@ -7,6 +7,7 @@ read-modify-write transactions (PostgreSQL: 40001; MariaDB: deadlocks), both twi
 
 import asyncio
 import logging
+import time
 from typing import Annotated, Any
 
 import httpx
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 
 from fastapi_sessionmaker import on_commit, on_rollback
 from tests import conflicts
-from tests.conftest import Maker, MakerFactory
+from tests.conftest import Maker, MakerFactory, wait_until
 
 CLIENTS = 8
 REQUESTS = 6
@@ -100,7 +101,57 @@ def test_with_retries_every_request_succeeds_and_counts_once(
     assert conflicts.value_of(sync_engine, 1) == 2 * CLIENTS * REQUESTS  # the body was replayed
     retried = [r for r in caplog.records if "retrying" in r.getMessage()]
     assert retried, "no request was retried: the test proves nothing"
-    # A retried attempt leaves nothing behind: one commit callback and one task per request.
-    assert events.count("commit") == CLIENTS * REQUESTS
-    assert events.count("task") == CLIENTS * REQUESTS
+    # A retried attempt leaves nothing behind: one commit callback and one task per request (both
+    # run after their response was sent: wait for the last ones).
+    total = CLIENTS * REQUESTS
+    wait_until(lambda: events.count("commit") >= total and events.count("task") >= total, "side effects")
+    time.sleep(0.05)  # a retried attempt's task or callback would have arrived by now
+    assert events.count("commit") == total
+    assert events.count("task") == total
     assert "rollback" not in events
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_request_whose_body_is_too_large_to_replay_is_not_retried(
+    make_maker: MakerFactory, sync_engine: sa.Engine, serve: Any
+) -> None:
+    """An upload is never held in memory for a retry: past 1 MiB the guard stops keeping the body."""
+    from fastapi import Request
+
+    from fastapi_sessionmaker._guard import REPLAY_LIMIT
+
+    maker = make_maker()
+    app = FastAPI()
+    maker.init_app(app)
+    Db = Annotated[Any, maker.depends(retries=3)]
+    attempts: list[int] = []
+
+    if maker.is_async:
+
+        @app.post("/upload")
+        async def upload_async(request: Request, session: Db) -> int:
+            size = len(await request.body())
+            attempts.append(size)
+            await session.execute(sa.text("SELECT 1"))
+            raise conflicts_serialization_failure()
+    else:
+
+        @app.post("/upload")
+        async def upload_with_a_sync_session(request: Request, session: Db) -> int:
+            size = len(await request.body())
+            attempts.append(size)
+            raise conflicts_serialization_failure()
+
+    client = serve(app)
+    assert client.post("/upload", content=b"x" * 1000).status_code == 503
+    assert attempts == [1000] * 4  # replayed: three retries of a small body
+    attempts.clear()
+    assert client.post("/upload", content=b"x" * (REPLAY_LIMIT + 1)).status_code == 503
+    assert attempts == [REPLAY_LIMIT + 1]  # too large to keep: not retried
+
+
+def conflicts_serialization_failure() -> sa.exc.OperationalError:
+    class SerializationFailure(Exception):
+        sqlstate = "40001"
+
+    return sa.exc.OperationalError("COMMIT", {}, SerializationFailure("could not serialize access"))

@@ -292,6 +292,6 @@ class MakerBase(Generic[EngineT, FactoryT]):
         state = current_state()
         if state is not None:
             for entry in state.entries:
-                if entry.maker is self and entry.shared:
+                if entry.maker is self:
                     return entry.policy
         return self.policy

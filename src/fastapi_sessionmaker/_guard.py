@@ -44,6 +44,10 @@ async def _send_problem(send: Send, problem: Problem) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+REPLAY_LIMIT = 1 << 20
+"""Bytes of request body the guard keeps to replay for a retry (``depends(retries=...)``)."""
+
+
 class _RetryRequest(BaseException):
     """Raised through the app by the guard's ``send`` to abandon an attempt that will be re-run.
 
@@ -70,6 +74,8 @@ class _Exchange:
     disconnected = False
     unread: list[Message] | None = None
     received: list[Message] | None = None  # what the app was given: replayed by a retry
+    replayable = True  # False once the body outgrew REPLAY_LIMIT: such a request is not retried
+    recorded = 0
     attempt = 1
 
     def __init__(self, guard: SessionGuard, scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,7 +97,8 @@ class _Exchange:
     def may_retry(self, exc: BaseException) -> bool:
         """Whether a retryable failure can re-run the request: nothing sent, attempts left."""
         return (
-            not self.started
+            self.replayable
+            and not self.started
             and not self.state.client_gone
             and self.attempt <= self.state.retries
             and is_retryable(exc)
@@ -107,10 +114,17 @@ class _Exchange:
             if message["type"] == "http.disconnect":
                 self.disconnected = True
                 return message
+        if self.replayable:
+            self._record(message)
+        return message
+
+    def _record(self, message: Message) -> None:
         if self.received is None:
             self.received = []
         self.received.append(message)
-        return message
+        self.recorded += len(message.get("body", b""))
+        if self.recorded > REPLAY_LIMIT:  # an upload: never held in memory for a retry
+            self.received, self.replayable = None, False
 
     async def gone(self) -> bool:
         """Whether the client has disconnected, asked without waiting."""

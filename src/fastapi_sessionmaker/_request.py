@@ -68,7 +68,7 @@ class RequestMaker(Protocol):
 
 
 class _Entry:
-    __slots__ = ("closed", "committed", "finished", "maker", "policy", "semaphore", "session", "shared")
+    __slots__ = ("closed", "committed", "finished", "maker", "policy", "semaphore", "session")
 
     def __init__(
         self,
@@ -76,13 +76,11 @@ class _Entry:
         session: Any,
         policy: CommitPolicy,
         semaphore: asyncio.Semaphore | None,
-        shared: bool,
     ) -> None:
         self.maker = maker
         self.session = session
         self.policy = policy
         self.semaphore = semaphore
-        self.shared = shared
         self.finished = False
         self.committed = False
         self.closed = False
@@ -134,7 +132,7 @@ class RequestState:
     async def open(self, maker: RequestMaker, policy: CommitPolicy | None) -> Any:
         """The request's session for ``maker``: one per maker and request, opened on first use."""
         for entry in self.entries:
-            if entry.maker is maker and entry.shared:
+            if entry.maker is maker:
                 return entry.session
         lifecycle = maker.lifecycle
         limiter = lifecycle.limiter()
@@ -146,7 +144,7 @@ class RequestState:
             if semaphore is not None:
                 semaphore.release()
             raise
-        self.entries.append(_Entry(maker, session, chosen, semaphore, shared=True))
+        self.entries.append(_Entry(maker, session, chosen, semaphore))
         return session
 
     def record_exit(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> bool:
@@ -162,10 +160,10 @@ class RequestState:
         opened it yet; either way it commits before the response, once.
         """
         for entry in self.entries:
-            if entry.maker is maker and entry.shared:
+            if entry.maker is maker:
                 return entry.session
         session = maker.lifecycle.open(maker.policy)
-        self.entries.append(_Entry(maker, session, maker.policy, None, shared=True))
+        self.entries.append(_Entry(maker, session, maker.policy, None))
         return session
 
     async def finish(
