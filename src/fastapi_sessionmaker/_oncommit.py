@@ -23,7 +23,7 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, SessionTransaction
 
-from fastapi_sessionmaker._sessions import is_closed, response_started
+from fastapi_sessionmaker._sessions import is_closed, response_started, sync_of
 from fastapi_sessionmaker.exceptions import ResponseStartedError, SessionClosedError
 
 logger = logging.getLogger("fastapi_sessionmaker")
@@ -78,7 +78,7 @@ def _within(where: SessionTransaction | None, savepoint: SessionTransaction) -> 
 
 
 def _target(session: Any) -> Session:
-    target = getattr(session, "sync_session", session)
+    target = sync_of(session)
     if not isinstance(target, Session):
         raise TypeError(f"on_commit/on_rollback need a Session or an AsyncSession, not {type(session)!r}")
     return target
@@ -160,7 +160,7 @@ def on_rollback(session: Any, callback: Callback) -> None:
 
 def settle(session: Any, committed: bool) -> list[Callback]:
     """Apply the unit of work's outcome to what is still pending; the callbacks to run, in order."""
-    callbacks = _callbacks(getattr(session, "sync_session", session), create=False)
+    callbacks = _callbacks(sync_of(session), create=False)
     if callbacks is None:
         return []
     if committed:

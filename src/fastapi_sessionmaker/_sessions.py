@@ -53,6 +53,7 @@ __all__ = [
     "mark_closed",
     "mark_response_started",
     "response_started",
+    "sync_of",
     "try_lock",
     "unlock",
 ]
@@ -109,8 +110,12 @@ _WRITES = (
     "bulk_insert_mappings",
     "bulk_update_mappings",
 )
-_LOCKED = ("begin", "begin_nested", "close", "commit", "connection", "invalidate", "reset", "rollback")
-_READS = ("get", "get_one", "refresh")
+# ``get``, ``get_one`` and ``refresh`` load through ``execute``: after the response started, that
+# makes their read a short transaction of its own too.
+_LOCKED = (
+    *("begin", "begin_nested", "close", "commit", "connection", "get", "get_one"),
+    *("invalidate", "refresh", "reset", "rollback"),
+)
 _READ_ONLY_SQL = ("SELECT", "WITH", "SHOW", "EXPLAIN", "PRAGMA", "VALUES", "TABLE", "DESCRIBE")
 
 
@@ -138,19 +143,6 @@ def _write(name: str) -> Callable[..., Any]:
     return functools.wraps(getattr(Session, name))(write)
 
 
-def _read(name: str) -> Callable[..., Any]:
-    """``get`` / ``get_one`` / ``refresh`` load through ``execute``: end the read after them too."""
-
-    def read(self: RequestSessionMixin, *args: Any, **kwargs: Any) -> Any:
-        with self._fsm_lock:
-            value = getattr(super(RequestSessionMixin, self), name)(*args, **kwargs)
-            if self._fsm_started:
-                self._fsm_end_read()
-            return value
-
-    return functools.wraps(getattr(Session, name))(read)
-
-
 def _is_read(statement: Any) -> bool:
     """Whether ``statement`` only reads (a SELECT, or textual SQL that starts like one)."""
     if isinstance(statement, sa.TextClause):
@@ -162,6 +154,15 @@ def _streams(statement: Any, execution_options: Any) -> bool:
     options = dict(getattr(statement, "_execution_options", None) or {})
     options.update(execution_options or {})
     return bool(options.get("stream_results") or options.get("yield_per"))
+
+
+def _fetched(result: Any, statement: Any, kwargs: dict[str, Any]) -> Any | None:
+    """``result`` with every row fetched, or ``None`` when it was asked to stream (or has no rows)."""
+    if _streams(statement, kwargs.get("execution_options")):
+        return None
+    if isinstance(result, sa.CursorResult) and not result.returns_rows:
+        return None
+    return result.freeze()()
 
 
 class RequestSessionMixin(Session):
@@ -181,11 +182,11 @@ class RequestSessionMixin(Session):
         if not _is_read(statement):
             raise _refuse("a statement that is not a SELECT")
         result = super().execute(statement, *args, **kwargs)
-        if _streams(statement, kwargs.get("execution_options")):
+        fetched = _fetched(result, statement, kwargs)
+        if fetched is None:
             return result  # asked to stream: the connection is held until the session closes
-        rows = result.freeze()
         self._fsm_end_read()
-        return rows()
+        return fetched
 
     def _fsm_end_read(self) -> None:
         """End the short read transaction of a statement after the response started."""
@@ -198,12 +199,9 @@ class RequestSessionMixin(Session):
             if self._fsm_started:
                 return self._fsm_read_after_start(statement, args, kwargs)
             result = super().execute(statement, *args, **kwargs)
-            if (
-                self._fsm_buffer
-                and not _streams(statement, kwargs.get("execution_options"))
-                and (not isinstance(result, sa.CursorResult) or result.returns_rows)
-            ):
-                return result.freeze()()  # every row fetched while the lock is held
+            if self._fsm_buffer:  # every row fetched while the lock is held
+                fetched = _fetched(result, statement, kwargs)
+                return result if fetched is None else fetched
             return result
 
     def scalars(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
@@ -229,18 +227,12 @@ class RequestSessionMixin(Session):
                 raise _refuse("the session's pending changes (a flush)")
             super().flush(objects)
 
-    def _fsm_discarded(self) -> bool:
-        """Whether ending now would drop ORM changes made after the response started."""
-        return self._fsm_started and not _compat.session_is_clean(self)
-
 
 for _name in _WRITES:
     if hasattr(Session, _name):  # ``delete_all`` and ``merge_all`` are new in SQLAlchemy 2.1
         setattr(RequestSessionMixin, _name, _write(_name))
 for _name in _LOCKED:
     setattr(RequestSessionMixin, _name, _locked(_name))
-for _name in _READS:
-    setattr(RequestSessionMixin, _name, _read(_name))
 
 
 _COMPOSED: dict[tuple[type[Session], bool, bool], type[Session]] = {}
@@ -350,33 +342,42 @@ def compose_async(base: type[AsyncSession]) -> type[AsyncSession]:
     return composed
 
 
+def sync_of(session: Any) -> Session:
+    """The ``Session`` behind ``session`` (itself, or an ``AsyncSession``'s ``sync_session``)."""
+    return getattr(session, "sync_session", session)  # type: ignore[no-any-return]
+
+
 def mark_closed(session: Any) -> None:
     """Remember that ``session`` (sync or async) was ended and closed by its unit of work."""
-    getattr(session, "sync_session", session)._fsm_closed = True
+    sync_of(session)._fsm_closed = True  # type: ignore[attr-defined]
 
 
 def is_closed(session: Any) -> bool:
     """Whether ``session``'s unit of work has closed it."""
-    return bool(getattr(getattr(session, "sync_session", session), "_fsm_closed", False))
+    return bool(getattr(sync_of(session), "_fsm_closed", False))
 
 
 def response_started(session: Any) -> bool:
     """Whether ``session`` is a request session whose response has started."""
-    target = getattr(session, "sync_session", session)
+    target = sync_of(session)
     return isinstance(target, RequestSessionMixin) and target._fsm_started
 
 
 def mark_response_started(session: Any) -> None:
     """From now on ``session`` (sync or async) serves reads only, without holding a connection."""
-    target = getattr(session, "sync_session", session)
+    target = sync_of(session)
     if isinstance(target, RequestSessionMixin):
         target._fsm_started = True
 
 
 def discarded_changes(session: Any) -> bool:
     """Whether ``session`` holds ORM changes made after the response started (about to be lost)."""
-    target = getattr(session, "sync_session", session)
-    return isinstance(target, RequestSessionMixin) and target._fsm_discarded()
+    target = sync_of(session)
+    return (
+        isinstance(target, RequestSessionMixin)
+        and target._fsm_started
+        and not _compat.session_is_clean(target)
+    )
 
 
 def try_lock(session: Any) -> bool:
