@@ -464,3 +464,26 @@ def test_a_serialization_failure_without_retry_is_503_with_retry_after(
     assert response.headers["retry-after"] == "1"
     assert response.headers["content-type"] == "application/problem+json"
     assert conflicts.value_of(sync_engine, 1) == 1000  # ours rolled back, the other one stored
+
+
+def test_every_drivers_own_unwrapped_error_is_classified_by_its_code() -> None:
+    """The same rule for psycopg, PyMySQL and sqlite3 exceptions that reach the edge unwrapped."""
+    import sqlite3
+
+    import psycopg
+    import pymysql
+
+    cases = [
+        (psycopg.errors.AdminShutdown("terminating connection"), 503),
+        (psycopg.errors.UniqueViolation("duplicate key"), 409),
+        (psycopg.errors.SerializationFailure("could not serialize access"), 503),
+        (psycopg.errors.UndefinedTable("no such table"), 500),
+        (pymysql.err.OperationalError(1040, "Too many connections"), 503),
+        (pymysql.err.IntegrityError(1062, "Duplicate entry"), 409),
+        (pymysql.err.OperationalError(1213, "Deadlock found"), 503),
+        (pymysql.err.ProgrammingError(1146, "Table doesn't exist"), 500),
+        (sqlite3.OperationalError("database is locked"), 503),
+        (sqlite3.IntegrityError("UNIQUE constraint failed: t.x"), 409),
+    ]
+    got = [(type(e).__name__, getattr(default_error_mapper(e), "status", None)) for e, _ in cases]
+    assert got == [(type(e).__name__, status) for e, status in cases]

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from fastapi import FastAPI, HTTPException
+from fastapi import BackgroundTasks, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 
 from fastapi_sessionmaker import (
@@ -60,7 +60,9 @@ def callbacks_app(maker: Maker, log: list[str], gate: threading.Event | None = N
     if maker.is_async:
 
         @app.post("/users/{email}")
-        async def create_async(email: str, outcome: str, session: Db) -> Any:
+        async def create_async(email: str, outcome: str, session: Db, tasks: BackgroundTasks) -> Any:
+            if outcome == "ok-with-task":
+                tasks.add_task(log.append, f"task {email}")
             side_effects(session, email)
             session.add(User(email=email))
             await session.flush()
@@ -68,7 +70,9 @@ def callbacks_app(maker: Maker, log: list[str], gate: threading.Event | None = N
     else:
 
         @app.post("/users/{email}")
-        def create_sync(email: str, outcome: str, session: Db) -> Any:
+        def create_sync(email: str, outcome: str, session: Db, tasks: BackgroundTasks) -> Any:
+            if outcome == "ok-with-task":
+                tasks.add_task(log.append, f"task {email}")
             side_effects(session, email)
             session.add(User(email=email))
             session.flush()
@@ -86,14 +90,14 @@ def test_on_commit_runs_after_the_response_was_sent_in_order(
     client = serve(callbacks_app(maker, log, gate))
     try:
         # The first callback waits for ``gate``: had it run before the response, this would hang.
-        assert client.post("/users/a@x", params={"outcome": "ok"}).status_code == 200
+        assert client.post("/users/a@x", params={"outcome": "ok-with-task"}).status_code == 200
         assert log == []
     finally:
         gate.set()
-    wait_until(lambda: len(log) == 2, "the callbacks")
+    wait_until(lambda: len(log) == 3, "the callbacks and the background task")
     assert log[0].startswith("commit a@x in ")
     assert "worker thread" in log[0].lower() or "anyio" in log[0].lower()  # sync: not on the loop
-    assert log[1] == "async commit a@x"
+    assert log[1:] == ["async commit a@x", "task a@x"]  # the callbacks before the app's own tasks
     assert stored_emails(sync_engine) == ["a@x"]
 
 
