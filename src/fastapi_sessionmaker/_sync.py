@@ -69,15 +69,22 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
 
     Args:
         database_uri: A SQLAlchemy URL; ``None`` reads :class:`DatabaseSettings` from the env.
-        settings: Settings to take the URL and pool options from.
-        name: The database's name in logs, health checks and ``init_app`` (several databases).
-        policy: When request sessions commit (:class:`CommitPolicy`).
-        engine_options: Extra ``create_engine`` keyword arguments (they win over ours).
-        session_options: Extra ``sessionmaker`` keyword arguments (they win over our
-            ``expire_on_commit=False`` and ``autoflush=False``, as in fastapi-utils).
-        sqlite_foreign_keys: On SQLite, run ``PRAGMA foreign_keys=ON`` on every connection
-            (the default), so ``FOREIGN KEY`` and ``ON DELETE CASCADE`` are enforced; ``False``
-            keeps SQLite's own default (not enforced). Other databases always enforce them.
+
+    Keyword Args:
+        settings (DatabaseSettings | None): Settings to take the URL and pool options from.
+        name (str): The database's name in logs, health checks and ``init_app`` (several
+            databases); default ``"default"``.
+        policy (CommitPolicy | str): When request sessions commit (:class:`CommitPolicy`);
+            default ``"auto"``.
+        engine_options (Mapping[str, Any] | None): Extra ``create_engine`` keyword arguments
+            (they win over ours).
+        session_options (Mapping[str, Any] | None): Extra ``sessionmaker`` keyword arguments
+            (they win over our ``expire_on_commit=False`` and ``autoflush=False``, as in
+            fastapi-utils).
+        sqlite_foreign_keys (bool): On SQLite, run ``PRAGMA foreign_keys=ON`` on every
+            connection (the default), so ``FOREIGN KEY`` and ``ON DELETE CASCADE`` are enforced;
+            ``False`` keeps SQLite's own default (not enforced). Other databases always enforce
+            them.
 
     Example:
         >>> from typing import Annotated
