@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session
 from fastapi_sessionmaker import AsyncDBSession, DBSession, FastAPISessionMaker, dependency_of
 from fastapi_sessionmaker._request import default_async_session, default_sync_session
 
-PAGE = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = (ROOT / "docs" / "testing.md").read_text()
+pytest_plugins = ["pytester"]
 
 
 def override_block() -> str:
@@ -24,6 +26,35 @@ def override_block() -> str:
     blocks = [block for block in blocks if "dependency_of" in block]
     assert len(blocks) == 1
     return blocks[0]
+
+
+def fixture_blocks() -> list[str]:
+    """The page's fixture and test examples, in order (the override example aside)."""
+    blocks: list[str] = re.findall(r"\n```python\n(.*?)```", PAGE, flags=re.DOTALL)  # not the indented one
+    return [block for block in blocks if "dependency_of" not in block]
+
+
+def test_the_fixture_examples_pass_against_the_demo_apps(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The set-up, sync and async examples, as written, in a project of the demo apps (sync and async)."""
+    first, factory, duplicate, async_test = fixture_blocks()
+    assert "def fsm_app" in factory
+    assert "async def" in async_test
+    header = "import sqlalchemy as sa\nfrom examples.models import User\n\n"
+    for twin, module in (("sync", "examples.app"), ("async", "examples.async_app")):
+        folder = pytester.mkpydir(f"docs_{twin}")
+        (folder / "conftest.py").write_text(
+            f"import pytest\nfrom {module} import app\n\n"
+            "def create_app(settings):\n    return app\n\ntest_settings = None\n\n" + factory
+        )
+    (pytester.path / "docs_sync" / "test_sync_examples.py").write_text(header + first + "\n\n" + duplicate)
+    (pytester.path / "docs_async" / "test_async_examples.py").write_text(header + async_test)
+    pytester.makeini("[pytest]\nfsm_metadata = examples.models:Base.metadata\nfilterwarnings = error\n")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist", timeout=120)
+    result.assert_outcomes(passed=3)
+    assert not list(pytester.path.glob("*.db")), "the demo's own database was used"
 
 
 def test_the_override_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
