@@ -13,6 +13,7 @@ import json
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -478,13 +479,12 @@ def test_an_after_begin_listener_keeps_the_commit_without_a_thread_hop(tmp_path:
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])
-def test_the_readme_example(rls_url: str, sync_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's policy and app, as written, as a role that is not a superuser."""
+def test_the_docs_example(rls_url: str, sync_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/side-effects.md's policy and app, as written, as a role that is not a superuser."""
     from fastapi.testclient import TestClient
 
-    from tests.test_readme import README
-
-    section = README.split("## Per-transaction settings", 1)[1].split("\n## ", 1)[0]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "side-effects.md").read_text()
+    section = page.split("## Per-transaction settings", 1)[1].split("\n## ", 1)[0]
     sql = re.findall(r"```sql\n(.*?)```", section, flags=re.DOTALL)[0].replace(" TO app;", f" TO {ROLE};")
     code = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
     with sync_engine.begin() as connection:
@@ -494,7 +494,7 @@ def test_the_readme_example(rls_url: str, sync_engine: sa.Engine, monkeypatch: p
             sa.text("INSERT INTO notes (tenant_id, text) VALUES (1, 'one'), (2, 'two'), (1, 'uno')")
         )
     monkeypatch.setenv("DATABASE_URI", rls_url)
-    namespace: dict[str, Any] = {"__name__": "readme_tenants"}
+    namespace: dict[str, Any] = {"__name__": "docs_tenants"}
     try:
         exec(code, namespace)
         with TestClient(namespace["app"]) as client:
