@@ -1,4 +1,4 @@
-"""The commit rule (``_policy.CommitPolicy``), cell by cell: the README's table, as code."""
+"""The commit rule (``_policy.CommitPolicy``), cell by cell: the table of docs/policy.md, as code."""
 
 from __future__ import annotations
 

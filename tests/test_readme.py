@@ -80,30 +80,6 @@ def test_other_examples_run(index: int, in_tmp_dir: Path) -> None:
     exec(python_blocks()[index], {"__name__": f"readme_block_{index}"})
 
 
-def test_the_retries_example_runs(in_tmp_dir: Path) -> None:
-    section = README.split("## Retries\n", 1)[1].split("\n## ", 1)[0]
-    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
-    assert block in python_blocks()
-    namespace: dict[str, object] = {"__name__": "readme_retries"}
-    exec(block, namespace)
-    assert namespace["left"] == 4
-
-
-def test_tutorial_migration_parameter_order(in_tmp_dir: Path) -> None:
-    namespace: dict[str, object] = {"__name__": "readme_migration"}
-    (migration,) = [b for b in python_blocks() if "# Tutorial: def read_notes" in b]
-    exec(python_blocks()[0] + migration, namespace)
-    with TestClient(namespace["app"]) as client:  # type: ignore[arg-type]
-        for text in ("a", "b", "c"):
-            assert client.post("/notes", params={"text": text}).status_code == 201
-        assert client.get("/notes").json() == ["a", "b", "c"]
-        assert client.get("/notes", params={"skip": 1, "limit": 1}).json() == ["b"]
-        assert client.get("/notes/latest", params={"limit": 2}).json() == ["c", "b"]
-    # The literal replacement the README warns about does not even compile.
-    with pytest.raises(SyntaxError, match="default"):  # wording differs between Pythons
-        compile("def read_notes(skip: int = 0, limit: int = 100, session: DBSession): ...", "<x>", "exec")
-
-
 @pytest.mark.parametrize("module_name", ["examples.app", "examples.async_app"])
 def test_readme_lists_every_demo_endpoint(module_name: str) -> None:
     import importlib
@@ -149,14 +125,3 @@ def test_the_two_context_sessions_differ_as_the_readme_says(in_tmp_dir: Path) ->
     finally:
         db.dispose()
         read_only.dispose()
-
-
-def test_the_side_effects_example_sends_only_what_was_stored(in_tmp_dir: Path) -> None:
-    (block,) = [b for b in python_blocks() if "on_commit(session" in b]
-    namespace: dict[str, object] = {"__name__": "readme_side_effects"}
-    exec(block, namespace)
-    outbox = namespace["outbox"]
-    with TestClient(namespace["app"], raise_server_exceptions=False) as client:  # type: ignore[arg-type]
-        assert client.post("/signups", params={"email": "a@x"}).status_code == 201
-        assert client.post("/signups", params={"email": "a@x"}).status_code == 409
-    assert outbox == ["welcome a@x", "not stored: a@x"]
