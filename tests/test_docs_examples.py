@@ -22,6 +22,8 @@ import ast
 import asyncio
 import os
 import re
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,3 +216,39 @@ def test_the_runner_reads_markers_and_indented_blocks(tmp_path: Path) -> None:
     assert blocks[1].test_file == "tests/test_docs_examples.py"
     assert blocks[3].code == "assert x == 1\n"
     assert blocks[2].code == "return_outside()\n"
+
+
+def test_the_reference_names_every_public_name() -> None:
+    """One ``::: name`` per root export; the exceptions and the testing toolkit as their modules."""
+    import fastapi_sessionmaker
+    from fastapi_sessionmaker import exceptions
+
+    directives = re.findall(r"^::: (\S+)$", (DOCS / "reference.md").read_text(), flags=re.MULTILINE)
+    assert len(directives) == len(set(directives)), "a name is documented twice"
+    expected = {f"fastapi_sessionmaker.{name}" for name in fastapi_sessionmaker.__all__}
+    expected -= {f"fastapi_sessionmaker.{name}" for name in exceptions.__all__}
+    expected |= {"fastapi_sessionmaker.exceptions", "fastapi_sessionmaker.testing"}
+    assert set(directives) == expected
+
+
+def test_the_site_builds_strictly_with_every_public_name(tmp_path: Path) -> None:
+    """mkdocs build --strict (broken links, anchors, nav, references fail) renders each public name."""
+    import fastapi_sessionmaker
+    from fastapi_sessionmaker import exceptions, testing
+
+    environment = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)]
+    built = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    reference = (tmp_path / "reference" / "index.html").read_text()
+    anchors = set(re.findall(r'id="(fastapi_sessionmaker\.[\w.]+)"', reference))
+    names = {
+        f"fastapi_sessionmaker.{name}"
+        for name in fastapi_sessionmaker.__all__
+        if name not in exceptions.__all__
+    }
+    names |= {f"fastapi_sessionmaker.exceptions.{name}" for name in exceptions.__all__}
+    names |= {f"fastapi_sessionmaker.testing.{name}" for name in testing.__all__}
+    assert names <= anchors, f"not rendered in the API reference: {sorted(names - anchors)}"
+    assert (tmp_path / "index.html").is_file()
+    assert not list(tmp_path.rglob("_ext")), "the griffe extension was published with the site"

@@ -10,13 +10,12 @@ __all__ = ["CommitPolicy"]
 class CommitPolicy(str, Enum):
     """When a request's session commits. The session always closes and its connection goes back.
 
-    ==========================  ===================================================================
-    ``AUTO`` (default)          commit before the response when nothing was raised and the status
-                                is below 400; otherwise roll back
-    ``COMMIT_UNLESS_RAISED``    as ``AUTO``, but a *returned* error response (status >= 400) commits
-    ``MANUAL``                  never commit for you: call ``session.commit()``; the rest rolls back
-    ``READ_ONLY``               never commit; an ORM flush of changes raises ``ReadOnlySessionError``
-    ==========================  ===================================================================
+    | policy | what it does |
+    |---|---|
+    | ``AUTO`` (default) | commit before the response unless it raised or its status is >= 400 |
+    | ``COMMIT_UNLESS_RAISED`` | as ``AUTO``, but a *returned* error response (status >= 400) commits |
+    | ``MANUAL`` | never commit for you: call ``session.commit()``; the rest rolls back |
+    | ``READ_ONLY`` | never commit; an ORM flush of changes raises ``ReadOnlySessionError`` |
 
     Example:
         >>> from fastapi_sessionmaker import CommitPolicy, FastAPISessionMaker
