@@ -332,6 +332,31 @@ def test_a_held_lock_makes_the_start_up_step_wait_then_give_up(project: Path, ur
         holder.dispose()
 
 
+def test_a_schema_ahead_of_the_code_starts_with_a_warning_and_is_ready(
+    project: Path, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    in_process(project, url, "head")
+    engine = sa.create_engine(FastAPISessionMaker(url).url, poolclass=sa.NullPool)
+    try:
+        with engine.begin() as connection:  # a newer release migrated it to a revision unknown here
+            connection.execute(sa.text("UPDATE alembic_version SET version_num = 'f00d'"))
+    finally:
+        engine.dispose()
+    migrations = Migrations(project / "alembic.ini")
+    with caplog.at_level("WARNING", logger="fastapi_sessionmaker"):
+        apply(migrations, "sync", url)
+    assert "ahead of this code's migrations: at revision f00d, the migrations' head is r0002" in caplog.text
+    assert stored(url)["version"] == ["f00d"]  # nothing was run or undone
+    db = FastAPISessionMaker(url)
+    try:
+        assert asyncio.run(migrations.readiness(db)) == (
+            None,
+            {"schema": {"status": "ahead", "current": ["f00d"], "head": ["r0002"]}},
+        )
+    finally:
+        db.dispose()
+
+
 def waiting_for(connection: sa.Connection, name: str) -> int:
     """How many other sessions wait for the lock ``name`` (PostgreSQL: in this database)."""
     if connection.dialect.name == "postgresql":
