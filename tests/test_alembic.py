@@ -30,7 +30,7 @@ from fastapi_sessionmaker import (
     health_router,
 )
 from fastapi_sessionmaker._locks import database_lock
-from fastapi_sessionmaker.alembic import Migrations, _lock_name
+from fastapi_sessionmaker.alembic import Migrations, lock_name
 from tests.conftest import Databases, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -322,8 +322,7 @@ def test_a_held_lock_makes_the_start_up_step_wait_then_give_up(project: Path, ur
     held = re.escape("for more than 0.3 s")
     try:
         with holder.connect() as connection:
-            name = _lock_name(connection, "alembic_version", None)
-            with database_lock(connection, name, timeout=5), pytest.raises(MigrationError, match=held):
+            with database_lock(connection, lock_name(), timeout=5), pytest.raises(MigrationError, match=held):
                 apply(migrations, twin, url)
             assert stored(url)["version"] == []  # nothing ran while another process held the lock
         apply(migrations, twin, url)  # free again
@@ -357,17 +356,16 @@ def test_a_schema_ahead_of_the_code_starts_with_a_warning_and_is_ready(
         db.dispose()
 
 
-def waiting_for(connection: sa.Connection, name: str) -> int:
-    """How many other sessions wait for the lock ``name`` (PostgreSQL: in this database)."""
-    if connection.dialect.name == "postgresql":
-        query = (
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-        count = connection.execute(sa.text(query)).scalar_one()
-    else:
-        query = "SELECT count(*) FROM information_schema.processlist WHERE info LIKE :pattern"
-        count = connection.execute(sa.text(query), {"pattern": f"SELECT GET_LOCK('{name}'%"}).scalar_one()
+WAITING = {  # sessions of this database that wait for a lock of ours
+    "postgresql": "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    "mysql": "SELECT count(*) FROM information_schema.processlist "
+    "WHERE db = DATABASE() AND info LIKE 'SELECT GET_LOCK(%alembic:alembic_version%'",
+}
+
+
+def waiting_for_the_lock(connection: sa.Connection) -> int:
+    count = connection.execute(sa.text(WAITING[connection.dialect.name])).scalar_one()
     connection.rollback()
     return int(count)
 
@@ -377,8 +375,7 @@ def test_the_cli_waits_for_a_worker_that_holds_the_lock(project: Path, url: str)
     holder = sa.create_engine(FastAPISessionMaker(url).url, poolclass=sa.NullPool)
     try:
         with holder.connect() as connection, holder.connect() as observer:
-            name = _lock_name(connection, "alembic_version", None)
-            with database_lock(connection, name, timeout=5):
+            with database_lock(connection, lock_name(), timeout=5):
                 cli = subprocess.Popen(
                     [sys.executable, "-m", "alembic", "-c", str(project / "alembic.ini"), "upgrade", "head"],
                     cwd=project,
@@ -389,7 +386,7 @@ def test_the_cli_waits_for_a_worker_that_holds_the_lock(project: Path, url: str)
                 )
                 try:
                     wait_until(
-                        lambda: waiting_for(observer, name) or cli.poll() is not None,
+                        lambda: waiting_for_the_lock(observer) or cli.poll() is not None,
                         "the CLI waits",
                         SECONDS,
                     )

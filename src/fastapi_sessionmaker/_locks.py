@@ -35,11 +35,13 @@ def _held_too_long(name: str, timeout: float) -> MigrationError:
 
 @contextlib.contextmanager
 def database_lock(connection: sa.Connection, name: str, *, timeout: float) -> Iterator[None]:
-    """Hold the lock ``name`` for the whole database while the block runs, waiting ``timeout`` s.
+    """Hold the lock ``name`` of the connection's database while the block runs, waiting ``timeout`` s.
 
     PostgreSQL: a session-level ``pg_advisory_lock`` on ``connection`` (the key is a hash of
-    ``name``); MariaDB/MySQL: ``GET_LOCK`` on ``connection``; SQLite: an exclusive lock on the file
-    ``<database>.lock`` beside the database (a process-wide lock for an in-memory database).
+    ``name``; advisory locks are per database); MariaDB/MySQL: ``GET_LOCK('<database>:<name>')`` on
+    ``connection`` (user locks are per server: the current database qualifies the name); SQLite: an
+    exclusive lock on the file ``<database>.lock`` beside the database (a process-wide lock for an
+    in-memory database).
     The block may use ``connection`` (it is idle, outside a transaction); the lock survives its
     commits and is released at the end, or by the server when the connection dies. Waiting longer
     than ``timeout`` raises :class:`MigrationError`.
@@ -79,15 +81,18 @@ def _postgresql_lock(connection: sa.Connection, name: str, timeout: float) -> It
         connection.commit()
 
 
-def _mysql_name(name: str) -> str:
-    if len(name) <= _MYSQL_NAME_LIMIT:
-        return name
-    return name[:23] + "#" + hashlib.sha256(name.encode()).hexdigest()[:40]
+def mysql_lock_name(connection: sa.Connection, name: str) -> str:
+    """``<database>:<name>``, the current database asked of the server; hashed beyond 64 characters."""
+    database = connection.execute(sa.text("SELECT DATABASE()")).scalar()
+    qualified = f"{database}:{name}"
+    if len(qualified) <= _MYSQL_NAME_LIMIT:
+        return qualified
+    return qualified[:23] + "#" + hashlib.sha256(qualified.encode()).hexdigest()[:40]
 
 
 @contextlib.contextmanager
 def _mysql_lock(connection: sa.Connection, name: str, timeout: float) -> Iterator[None]:
-    lock_name = _mysql_name(name)
+    lock_name = mysql_lock_name(connection, name)
     got = connection.execute(
         sa.text("SELECT GET_LOCK(:name, :timeout)"), {"name": lock_name, "timeout": timeout}
     ).scalar()

@@ -59,10 +59,9 @@ DEFAULT_LOCK_TIMEOUT = 300.0
 """Seconds a worker waits for another one's migrations before it gives up (:class:`MigrationError`)."""
 
 
-def _lock_name(connection: sa.Connection, version_table: str, schema: str | None) -> str:
-    """One lock per database and version table: two Alembic projects on one server do not wait."""
-    table = f"{schema}.{version_table}" if schema else version_table
-    return f"alembic:{connection.engine.url.database or ''}:{table}"
+def lock_name(version_table: str = "alembic_version", schema: str | None = None) -> str:
+    """The migration lock's name: one per database (:mod:`._locks`) and version table."""
+    return f"alembic:{schema}.{version_table}" if schema else f"alembic:{version_table}"
 
 
 def _settings_maker() -> AnyMaker:
@@ -126,7 +125,7 @@ def run_migrations(
     schema = options.get("version_table_schema")
 
     def locked(connection: sa.Connection) -> None:
-        with database_lock(connection, _lock_name(connection, version_table, schema), timeout=lock_timeout):
+        with database_lock(connection, lock_name(version_table, schema), timeout=lock_timeout):
             _migrate(connection, configure)
 
     chosen = maker or _settings_maker()
@@ -288,7 +287,7 @@ class Migrations:
         await anyio.to_thread.run_sync(run)
 
     def _apply(self, connection: sa.Connection) -> None:
-        name = _lock_name(connection, self.version_table, self.version_table_schema)
+        name = lock_name(self.version_table, self.version_table_schema)
         with database_lock(connection, name, timeout=self.lock_timeout):
             schema = self._schema(connection)
             if schema.status == "behind" and self.mode == "upgrade":
