@@ -8,9 +8,11 @@ blocks, written out here, so the page shows what is run. The CLI runs in subproc
 import asyncio
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,8 +226,11 @@ def test_three_processes_starting_at_once_migrate_exactly_once(project: Path, ur
         for _ in range(3)
     ]
     try:
+        deadline = time.monotonic() + SECONDS
         for process in processes:  # each has imported the app: a line, or EOF if it died
             assert process.stdout is not None
+            readable, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            assert readable, "a process did not import the app in time"
             assert process.stdout.readline() == "ready\n"
         for process in processes:
             assert process.stdin is not None
