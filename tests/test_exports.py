@@ -49,6 +49,7 @@ EXPECTED_ROOT = {
     "ConcurrentSessionUseError",
     "ConfigurationError",
     "DatabaseUnavailableError",
+    "MigrationError",
     "NotInstalledError",
     "ReadOnlySessionError",
     "ResponseStartedError",

@@ -39,6 +39,7 @@ from fastapi_sessionmaker.exceptions import ConcurrentSessionUseError as Concurr
 from fastapi_sessionmaker.exceptions import ConfigurationError as ConfigurationError
 from fastapi_sessionmaker.exceptions import DatabaseUnavailableError as DatabaseUnavailableError
 from fastapi_sessionmaker.exceptions import FastAPISessionMakerError as FastAPISessionMakerError
+from fastapi_sessionmaker.exceptions import MigrationError as MigrationError
 from fastapi_sessionmaker.exceptions import NotInstalledError as NotInstalledError
 from fastapi_sessionmaker.exceptions import ReadOnlySessionError as ReadOnlySessionError
 from fastapi_sessionmaker.exceptions import ResponseStartedError as ResponseStartedError
@@ -79,6 +80,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "FastAPISessionMaker",
     "FastAPISessionMakerError",
+    "MigrationError",
     "NotInstalledError",
     "Problem",
     "ReadOnlySession",

@@ -24,6 +24,8 @@ from fastapi_sessionmaker.exceptions import ConfigurationError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from fastapi_sessionmaker.alembic import Migrations
+
 __all__ = ["Limiter", "MakerBase"]
 
 
@@ -258,6 +260,7 @@ class MakerBase(Generic[EngineT, FactoryT]):
         *,
         check_on_startup: bool = True,
         error_mapper: ErrorMapper | None = None,
+        migrations: Migrations | None = None,
     ) -> None:
         """Install this maker on ``app``: commit before the response, map errors, lifespan.
 
@@ -268,9 +271,13 @@ class MakerBase(Generic[EngineT, FactoryT]):
             app: The FastAPI application.
             check_on_startup: Fail start-up with a one-line error when the database is down.
             error_mapper: Turns a database error into a :class:`Problem` (or ``None``).
+            migrations: Run (or check) Alembic's migrations at start-up, under a database lock,
+                and report a schema behind head as not ready (:mod:`fastapi_sessionmaker.alembic`).
         """
         registry = registry_for(app, error_mapper=error_mapper)
         registry.add(self)
+        if migrations is not None:  # chained first: it runs after the start-up check, inside it
+            migrations.install(app, self)
         chain_lifespan(app, self.lifespan if check_on_startup else self._dispose_at_shutdown)
 
     @contextlib.asynccontextmanager

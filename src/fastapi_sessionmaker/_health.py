@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from fastapi_sessionmaker._errors import is_connection_error
+from fastapi_sessionmaker._readiness import readiness_checks
 
 if TYPE_CHECKING:
     from fastapi_sessionmaker._async import AsyncFastAPISessionMaker
@@ -72,6 +73,12 @@ async def check_database(maker: AnyMaker, *, seconds: float) -> dict[str, Any]:
     report: dict[str, Any] = {"status": "ok"}
     try:
         await _ping(maker, seconds)
+        for check in readiness_checks(maker):  # e.g. the schema at its migrations' head
+            with anyio.fail_after(seconds):
+                reason, details = await check(maker)
+            report.update(details)
+            if reason is not None:
+                report.update(status="not_ready", error=reason)
     except TimeoutError:
         report = {"status": "unavailable", "error": f"no answer within {seconds:g} s"}
     except Exception as exc:
@@ -103,7 +110,9 @@ def health_router(
     concurrently. The answer is 200 when all do, else 503 with ``Retry-After``; the body names
     each database with its status, latency, error class (never a message or URL) and pool
     stats (see :func:`pool_stats`). With no ``makers``, the makers installed on the app with
-    ``init_app`` are checked.
+    ``init_app`` are checked. A database installed with ``init_app(app, migrations=...)`` is
+    also not ready (``"not_ready"``, 503) while its schema is behind the migrations' head; its
+    report then carries ``schema`` with the ``current`` and ``head`` revisions.
 
     Args:
         makers: The makers to check (default: those installed on the app).

@@ -7,6 +7,9 @@ the HTTP edge as they were raised. What this package adds is for configuration a
     ├── ConcurrentSessionUseError (also a RuntimeError) one AsyncSession used by several tasks at once
     ├── ConfigurationError (also a ValueError)      a bad DATABASE_URI, unknown dialect, missing driver
     ├── DatabaseUnavailableError                     the start-up check could not reach the database
+    ├── MigrationError                               the schema is behind the migrations' head at
+    │                                                start-up (``Migrations(mode="check")``), or the
+    │                                                migration lock was not free in time
     ├── NotInstalledError (also a RuntimeError)      a request dependency used without ``init_app(app)``
     ├── ReadOnlySessionError (also a RuntimeError)   a flush of ORM changes in a read-only session
     ├── ResponseStartedError (also a RuntimeError)   a write through a request session after its
@@ -23,6 +26,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseUnavailableError",
     "FastAPISessionMakerError",
+    "MigrationError",
     "NotInstalledError",
     "ReadOnlySessionError",
     "ResponseStartedError",
@@ -63,6 +67,15 @@ class DatabaseUnavailableError(FastAPISessionMakerError):
     """The database did not answer the start-up check (``lifespan`` / ``check_connection``).
 
     The message holds the URL with its password hidden and the driver's error class.
+    """
+
+
+class MigrationError(FastAPISessionMakerError):
+    """The start-up step of :class:`fastapi_sessionmaker.alembic.Migrations` refused to start.
+
+    Either the schema is behind the migrations' head in ``mode="check"`` (the message names the
+    database's current revision and the head: run ``alembic upgrade head``), or another process
+    held the migration lock for longer than ``lock_timeout`` seconds.
     """
 
 

@@ -1,0 +1,1 @@
+"""The app of docs/alembic.md (``main.py`` is written out from the page by tests/test_alembic.py)."""
