@@ -199,11 +199,11 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
 
     async def dispose(self) -> None:
         """Close the pool's connections and forget the engine; the next use makes a new one."""
+        if self.replicas is not None:
+            await self.replicas.adispose()
         engine = self._forget()
         if engine is not None:
             await engine.dispose()
-        if self.replicas is not None:
-            await self.replicas.adispose()
 
     async def check_connection(self) -> None:
         """Run ``SELECT 1``; raise :class:`DatabaseUnavailableError` with a one-line reason."""

@@ -189,14 +189,23 @@ class ReplicaSet:
         return engines
 
     def dispose(self) -> None:
-        """Dispose every replica's engine (sync twin); the next use makes new ones."""
-        for engine in self._take_engines():
-            engine.dispose()
+        """Dispose every replica's engine (sync twin) after a running check ended; the next use
+        makes new ones. The maker disposes its replicas before its primary engine, so that no
+        check opens either again meanwhile."""
+        acquired = self._checking.acquire(timeout=30)
+        try:
+            for engine in self._take_engines():
+                engine.dispose()
+        finally:
+            if acquired:
+                self._checking.release()
 
     async def adispose(self) -> None:
-        """Dispose every replica's engine (async twin)."""
-        for task in list(self._tasks):
+        """Dispose every replica's engine (async twin), a running check cancelled first."""
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for engine in self._take_engines():
             await engine.dispose()
 

@@ -211,11 +211,11 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
     # -- lifecycle -------------------------------------------------------------------------
     def dispose(self) -> None:
         """Close the pool's connections and forget the engine; the next use makes a new one."""
+        if self.replicas is not None:
+            self.replicas.dispose()
         engine = self._forget()
         if engine is not None:
             engine.dispose()
-        if self.replicas is not None:
-            self.replicas.dispose()
 
     def check_connection(self) -> None:
         """Run ``SELECT 1``; raise :class:`DatabaseUnavailableError` with a one-line reason."""
