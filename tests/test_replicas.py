@@ -10,6 +10,8 @@ see a standby another test disturbs. Which server answered is read from the serv
 import asyncio
 import contextlib
 import fcntl
+import functools
+import itertools
 import logging
 import os
 import re
@@ -24,7 +26,7 @@ from typing import Annotated, Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -38,13 +40,15 @@ from fastapi_sessionmaker import (
     health_router,
     pool_stats,
 )
-from tests.conftest import IN_CI, wait_until
+from tests.conftest import IN_CI, _pid_alive, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIMARY_PORT, PORTS = 5440, (5441, 5442)
 NAME = f"fsm_{os.getpid()}"
 LOCK = Path("/tmp/fastapi-sessionmaker-standby.lock")
 WHERE = "SELECT inet_server_port(), pg_is_in_recovery()"
+# A lock the standbys must replay; bounded, should a reader on the primary hold the table.
+LOCK_ITEMS = "BEGIN; SET LOCAL lock_timeout = '10s'; LOCK TABLE items IN ACCESS EXCLUSIVE MODE; COMMIT"
 
 Maker = FastAPISessionMaker | AsyncFastAPISessionMaker
 Serve = Callable[..., httpx.Client]
@@ -79,9 +83,7 @@ def standby(*args: str) -> None:
 def replayed_everything(port: int) -> bool:
     """Whether the standby on ``port`` has replayed all the WAL the primary has written."""
     primary = scalar(PRIMARY_PORT, "SELECT CAST(pg_current_wal_lsn() AS text)", "postgres")
-    return bool(
-        scalar(port, "SELECT pg_last_wal_replay_lsn() >= CAST(:p AS pg_lsn)", "postgres", p=primary)
-    )
+    return bool(scalar(port, "SELECT pg_last_wal_replay_lsn() >= CAST(:p AS pg_lsn)", "postgres", p=primary))
 
 
 @pytest.fixture(scope="session")
@@ -97,12 +99,16 @@ def rig() -> Iterator[None]:
         pytest.skip(message)
     engine = admin(PRIMARY_PORT, "postgres")
     with engine.connect() as connection:
+        stale = "SELECT datname FROM pg_database WHERE datname LIKE 'fsm\\_%'"
+        for (name,) in connection.execute(sa.text(stale)).all():  # runs that were killed
+            if name.removeprefix("fsm_").isdigit() and not _pid_alive(int(name.removeprefix("fsm_"))):
+                connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         connection.execute(sa.text(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)"))
         connection.execute(sa.text(f"CREATE DATABASE {NAME}"))
     with admin(PRIMARY_PORT).connect() as connection:
         connection.execute(sa.text("CREATE TABLE items (id serial PRIMARY KEY, key text UNIQUE, n int)"))
     for port in PORTS:
-        wait_until(lambda port=port: replayed_everything(port), f"standby {port} to replay the set-up")
+        wait_until(functools.partial(replayed_everything, port), f"standby {port} to replay the set-up")
     yield
     with engine.connect() as connection:
         connection.execute(sa.text(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)"))
@@ -145,7 +151,7 @@ def exclusive(rig: None) -> Iterator[None]:
                     scalar(port, "SELECT pg_wal_replay_resume()", "postgres")
             standby("start")
             for port in PORTS:
-                wait_until(lambda port=port: replayed_everything(port), f"standby {port} to catch up")
+                wait_until(functools.partial(replayed_everything, port), f"standby {port} to catch up")
 
 
 class Driver:
@@ -178,7 +184,7 @@ class Driver:
             async with maker.task_session(policy=policy) as session:
                 return tuple((await session.execute(sa.text(sql))).one())
 
-        return self.run(read())
+        return tuple(self.run(read()))
 
     def check(self, maker: Maker) -> list[dict[str, Any]]:
         assert maker.replicas is not None
@@ -220,13 +226,15 @@ def test_read_only_sessions_read_from_the_replicas_in_turn(drive: Driver, shared
     assert all(in_recovery for _, in_recovery in answers), answers
     seen = [port for port, _ in answers]
     assert sorted(seen) == sorted(PORTS * 3), seen  # round robin: each replica served 3 of 6
-    assert all(a != b for a, b in zip(seen, seen[1:])), seen
+    assert all(a != b for a, b in itertools.pairwise(seen)), seen
     # Every other session (and any session that may write) uses the primary.
     for policy in ("auto", "manual", "commit_unless_raised"):
         assert drive.read(maker, policy=policy) == (PRIMARY_PORT, False)
 
 
-def test_request_sessions_are_routed_by_their_policy(twin: str, drive: Driver, shared: None, serve: Serve) -> None:
+def test_request_sessions_are_routed_by_their_policy(
+    twin: str, drive: Driver, shared: None, serve: Serve
+) -> None:
     maker = drive.maker()
     app = FastAPI()
     maker.init_app(app)
@@ -253,7 +261,9 @@ def test_request_sessions_are_routed_by_their_policy(twin: str, drive: Driver, s
 
         @app.post("/write")
         async def awrite(session: AsyncWriter) -> list[Any]:
-            await session.execute(sa.text("INSERT INTO items (key, n) VALUES (:k, 1)"), {"k": uuid.uuid4().hex})
+            await session.execute(
+                sa.text("INSERT INTO items (key, n) VALUES (:k, 1)"), {"k": uuid.uuid4().hex}
+            )
             return list((await session.execute(sa.text(WHERE))).one())
 
     client = serve(app)
@@ -275,7 +285,8 @@ def test_a_replica_that_is_down_is_skipped_and_with_none_left_reads_go_to_the_pr
         seen = ports(drive, maker, 4)  # the first read may try the dead one first: it is re-run
     assert seen == [PORTS[0]] * 4
     report = drive.check(maker)
-    assert report[0]["status"] == "skipped" and report[0]["reason"].startswith("down: ")
+    assert report[0]["status"] == "skipped"
+    assert report[0]["reason"].startswith("down: ")
     assert report[1]["status"] == "ok"
     assert all("s3cret" not in record.getMessage() for record in caplog.records)
 
@@ -285,14 +296,18 @@ def test_a_replica_that_is_down_is_skipped_and_with_none_left_reads_go_to_the_pr
     assert drive.read(nothing)[1] is False
 
 
-def test_a_password_in_a_replica_url_is_never_logged(drive: Driver, shared: None, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_password_in_a_replica_url_is_never_logged(
+    drive: Driver, shared: None, caplog: pytest.LogCaptureFixture
+) -> None:
     secret = f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/{NAME}"
     maker = drive.maker([secret], replica_check_interval=60)
     with caplog.at_level(logging.DEBUG, "fastapi_sessionmaker"):
         assert drive.read(maker)[0] == PRIMARY_PORT
         report = drive.check(maker)
-    assert "s3cret" not in repr(report) and "***" in report[0]["url"]
-    assert caplog.records and all("s3cret" not in record.getMessage() for record in caplog.records)
+    assert "s3cret" not in repr(report)
+    assert "***" in report[0]["url"]
+    assert caplog.records
+    assert all("s3cret" not in record.getMessage() for record in caplog.records)
 
 
 def free_port() -> int:
@@ -323,36 +338,37 @@ def test_writes_in_a_replica_session_fail_before_any_sql_is_sent(drive: Driver, 
         engine = maker.replicas.bind_of(replica)
         sa.event.listen(engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
 
-    if isinstance(maker, FastAPISessionMaker):
-        with pytest.raises(ReadOnlySessionError, match="read-only"), maker.task_session(policy="read_only") as s:
-            s.add(Item(key="orm", n=1))
-            s.flush()
-        with pytest.raises(ReadOnlySessionError, match=re.escape("INSERT, UPDATE, DELETE and DDL")):
-            with maker.task_session(policy="read_only") as s:
-                s.execute(sa.insert(Item).values(key="core", n=1))
-        with pytest.raises(sa.exc.DBAPIError) as raised, maker.task_session(policy="read_only") as s:
-            s.execute(sa.text("INSERT INTO items (key, n) VALUES ('text', 1)"))
-    else:
+    def attempt(write: Callable[[Any], Any]) -> None:
+        """``write(session)`` in a read-only session of ``maker`` (awaited for the async twin)."""
+        if isinstance(maker, FastAPISessionMaker):
+            with maker.task_session(policy="read_only") as session:
+                write(session)
+            return
 
-        async def attempts() -> pytest.ExceptionInfo[sa.exc.DBAPIError]:
-            with pytest.raises(ReadOnlySessionError, match="read-only"):
-                async with maker.task_session(policy="read_only") as s:
-                    s.add(Item(key="orm", n=1))
-                    await s.flush()
-            with pytest.raises(ReadOnlySessionError, match=re.escape("INSERT, UPDATE, DELETE and DDL")):
-                async with maker.task_session(policy="read_only") as s:
-                    await s.execute(sa.insert(Item).values(key="core", n=1))
-            with pytest.raises(sa.exc.DBAPIError) as raised:
-                async with maker.task_session(policy="read_only") as s:
-                    await s.execute(sa.text("INSERT INTO items (key, n) VALUES ('text', 1)"))
-            return raised
+        async def run() -> None:
+            async with maker.task_session(policy="read_only") as session:
+                result = write(session)
+                if asyncio.iscoroutine(result):
+                    await result
 
-        raised = drive.run(attempts())
+        drive.run(run())
+
+    def orm(session: Any) -> Any:
+        session.add(Item(key="orm", n=1))
+        return session.flush()
+
+    with pytest.raises(ReadOnlySessionError, match="read-only"):
+        attempt(orm)
+    with pytest.raises(ReadOnlySessionError, match=re.escape("INSERT, UPDATE, DELETE and DDL")):
+        attempt(lambda session: session.execute(sa.insert(Item).values(key="core", n=1)))
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        attempt(lambda session: session.execute(sa.text("INSERT INTO items (key, n) VALUES ('text', 1)")))
     # Only the textual INSERT, which the library cannot see into, reached a replica.
     assert [sql for sql in sent if "items" in sql] == ["INSERT INTO items (key, n) VALUES ('text', 1)"]
     # The server's 25006 (a write on a hot standby) becomes a problem that says what happened.
     problem = default_error_mapper(raised.value)
-    assert problem is not None and problem.status == 500
+    assert problem is not None
+    assert problem.status == 500
     assert "read-only transaction" in problem.detail
 
 
@@ -373,7 +389,8 @@ def test_a_lagging_replica_is_skipped_until_it_catches_up(drive: Driver, exclusi
         # The background checks (every 0.1 s, started by reads) see the lag: reads leave it.
         wait_until(lambda: set(ports(drive, maker, 2)) == {current}, "reads to leave the lagging replica")
         report = maker.replicas.report() if maker.replicas else []
-        assert report[1]["status"] == "skipped" and "lags" in report[1]["reason"], report
+        assert report[1]["status"] == "skipped", report
+        assert "lags" in report[1]["reason"], report
         assert report[1]["lag_bytes"] > 64 * 1024
         assert ports(drive, maker, 4) == [current] * 4
     finally:
@@ -390,7 +407,8 @@ def test_a_stopped_standby_is_skipped_and_serves_again_after_its_restart(
     standby("stop", "replica2")
     with caplog.at_level(logging.WARNING, "fastapi_sessionmaker"):
         assert ports(drive, maker, 6) == [PORTS[0]] * 6  # no read fails: re-run on the other one
-    assert maker.replicas is not None and not maker.replicas.replicas[1].healthy
+    assert maker.replicas is not None
+    assert not maker.replicas.replicas[1].healthy
     assert any("running it again" in r.getMessage() or "skipped" in r.getMessage() for r in caplog.records)
     standby("start")
     wait_until(lambda: PORTS[1] in ports(drive, maker, 2), "the restarted standby to serve reads", 30)
@@ -403,15 +421,16 @@ def test_a_read_terminated_by_a_recovery_conflict_runs_again_on_the_other_replic
     """An idle-in-transaction reader holds a lock the primary's ``LOCK TABLE`` needs replayed: the
     standby terminates it (40001 "terminating connection due to conflict with recovery")."""
     maker = drive.maker(replica_check_interval=60)
-    lock = "BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE; COMMIT"
     answers: list[tuple[Any, ...]] = []
 
     def conflicted(first: tuple[Any, ...]) -> None:
         port, pid = first[0], first[2]
         with admin(PRIMARY_PORT).connect() as connection:
-            connection.exec_driver_sql(lock)
+            connection.exec_driver_sql(LOCK_ITEMS)
         wait_until(
-            lambda: not scalar(port, "SELECT count(*) FROM pg_stat_activity WHERE pid = :p", "postgres", p=pid),
+            lambda: (
+                not scalar(port, "SELECT count(*) FROM pg_stat_activity WHERE pid = :p", "postgres", p=pid)
+            ),
             "the standby to terminate the reader",
         )
 
@@ -432,7 +451,7 @@ def test_a_read_terminated_by_a_recovery_conflict_runs_again_on_the_other_replic
 
             drive.run(reads())
     first, second = answers[0][0], answers[1][0]
-    assert first in PORTS and second in PORTS and first != second, answers
+    assert {first, second} == set(PORTS), answers
     # psycopg reads the server's 40001 FATAL; asyncpg finds the connection closed: both run again.
     assert any("running it again" in record.getMessage() for record in caplog.records)
 
@@ -470,12 +489,13 @@ def test_a_query_cancelled_by_a_recovery_conflict_runs_again_on_the_other_replic
         wait_until(lambda: running_on() is not None, "the read to run on a standby")
         victim = running_on()
         with admin(PRIMARY_PORT).connect() as connection:
-            connection.exec_driver_sql("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE; COMMIT")
+            connection.exec_driver_sql(LOCK_ITEMS)
     finally:
         reader.join(30)
     assert not reader.is_alive()
-    assert len(result) == 1 and not isinstance(result[0], Exception), result
-    assert result[0][0] in PORTS and result[0][0] != victim, (result, victim)
+    assert len(result) == 1, result
+    assert not isinstance(result[0], Exception), result
+    assert {result[0][0], victim} == set(PORTS), (result, victim)
     assert any("code 40001" in record.getMessage() for record in caplog.records)
 
 
@@ -488,3 +508,212 @@ async def _aread(sql: str) -> tuple[Any, ...]:
             return tuple((await session.execute(sa.text(sql))).one())
     finally:
         await maker.dispose()
+
+
+# -- read-your-writes across requests ----------------------------------------------------------
+def items_app(maker: Maker) -> FastAPI:
+    """POST /items/{key} writes on the primary; GET /items/{key} reads in a read-only session."""
+    app = FastAPI()
+    maker.init_app(app)
+    find = "SELECT inet_server_port(), count(*) FROM items WHERE key = :k"
+    if isinstance(maker, FastAPISessionMaker):
+        Reader = Annotated[Session, maker.depends(policy="read_only")]
+        Writer = Annotated[Session, maker.dependency]
+
+        @app.post("/items/{key}", status_code=201)
+        def add(key: str, session: Writer) -> dict[str, str]:
+            session.execute(sa.text("INSERT INTO items (key, n) VALUES (:k, 1)"), {"k": key})
+            return {"key": key}
+
+        @app.get("/items/{key}")
+        def get(key: str, session: Reader) -> dict[str, int]:
+            port, count = session.execute(sa.text(find), {"k": key}).one()
+            return {"port": port, "count": count}
+
+    else:
+        AsyncReader = Annotated[AsyncSession, maker.depends(policy="read_only")]
+        AsyncWriter = Annotated[AsyncSession, maker.dependency]
+
+        @app.post("/items/{key}", status_code=201)
+        async def aadd(key: str, session: AsyncWriter) -> dict[str, str]:
+            await session.execute(sa.text("INSERT INTO items (key, n) VALUES (:k, 1)"), {"k": key})
+            return {"key": key}
+
+        @app.get("/items/{key}")
+        async def aget(key: str, session: AsyncReader) -> dict[str, int]:
+            port, count = (await session.execute(sa.text(find), {"k": key})).one()
+            return {"port": port, "count": count}
+
+    app.include_router(health_router(timeout=5.0))
+    return app
+
+
+def replica_idle(maker: Maker, index: int) -> bool:
+    return pool_stats(maker, replica=index)["checked_out"] == 0
+
+
+def test_read_your_writes_under_50_concurrent_clients(drive: Driver, shared: None, serve: Serve) -> None:
+    maker = drive.maker()
+    client = serve(items_app(maker))
+    results: list[tuple[int, int] | BaseException] = []
+
+    def write_then_read(n: int) -> None:
+        try:
+            key = f"ryw-{uuid.uuid4().hex}"
+            written = client.post(f"/items/{key}")
+            assert written.status_code == 201, written.text
+            token = written.headers["x-db-position"]
+            read = client.get(f"/items/{key}", headers={"X-DB-Position": token})
+            assert read.status_code == 200, read.text
+            results.append((read.json()["port"], read.json()["count"]))
+        except BaseException as exc:  # reported below
+            results.append(exc)
+
+    threads = [threading.Thread(target=write_then_read, args=(n,)) for n in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:3]
+    answers = [r for r in results if not isinstance(r, BaseException)]
+    assert len(answers) == 50
+    stale = [a for a in answers if a[1] != 1]
+    assert stale == [], f"{len(stale)} of 50 reads with the token missed their own write"
+    # The token does not simply send everything to the primary: replicas that have replayed the
+    # commit serve such reads (the standbys replay within a few milliseconds).
+    assert any(port in PORTS for port, _ in answers), answers
+    assert maker.replicas is not None
+    for index in range(len(PORTS)):
+        wait_until(
+            functools.partial(replica_idle, maker, index), "the replica pools to have every connection back"
+        )
+
+
+def test_read_your_writes_while_a_standby_lags(drive: Driver, exclusive: None, serve: Serve) -> None:
+    """Replay paused on one standby (within the lag bound, so it still serves reads): without the
+    position, the reads it serves miss the write just made; with it, none does."""
+    maker = drive.maker(replica_check_interval=60)
+    client = serve(items_app(maker))
+    paused = PORTS[1]
+    outcomes: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
+    try:
+        scalar(paused, "SELECT pg_wal_replay_pause()", "postgres")
+        wait_until(
+            lambda: scalar(paused, "SELECT pg_get_wal_replay_pause_state()", "postgres") == "paused",
+            "replay to pause",
+        )
+        for n in range(20):
+            with_position = n % 2 == 0
+            key = f"lag-{uuid.uuid4().hex}"
+            written = client.post(f"/items/{key}")
+            assert written.status_code == 201, written.text
+            headers = {"X-DB-Position": written.headers["x-db-position"]} if with_position else {}
+            read = client.get(f"/items/{key}", headers=headers).json()
+            outcomes[with_position].append((read["port"], read["count"]))
+    finally:
+        scalar(paused, "SELECT pg_wal_replay_resume()", "postgres")
+    assert all(count == 1 for _, count in outcomes[True]), outcomes[True]
+    assert all(port != paused for port, _ in outcomes[True]), outcomes[True]
+    # Round robin sends about half the reads without a position to the paused standby: stale.
+    stale = [port for port, count in outcomes[False] if count == 0]
+    assert stale, outcomes[False]
+    assert set(stale) == {paused}, outcomes[False]
+
+
+def test_a_position_no_replica_has_replayed_is_read_on_the_primary(
+    drive: Driver, shared: None, serve: Serve
+) -> None:
+    maker = drive.maker()
+    client = serve(items_app(maker))
+    future = client.get("/items/none", headers={"X-DB-Position": "FFFFFFFF/0"})
+    assert future.status_code == 200
+    assert future.json()["port"] == PRIMARY_PORT
+    assert client.get("/items/none").json()["port"] in PORTS  # without a position: a replica
+
+
+def test_an_invalid_position_is_a_400_problem(drive: Driver, shared: None, serve: Serve) -> None:
+    maker = drive.maker()
+    client = serve(items_app(maker))
+    answer = client.get("/items/x", headers={"X-DB-Position": "yesterday"})
+    assert answer.status_code == 400
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert "X-DB-Position" in answer.json()["detail"]
+    assert "0/16B3748" in answer.json()["detail"]
+
+
+def test_the_health_route_reports_each_replica(drive: Driver, shared: None, serve: Serve) -> None:
+    maker = drive.maker([url(free_port()), url(PORTS[0])], replica_check_interval=60)
+    client = serve(items_app(maker))
+    health = client.get("/healthz")
+    assert health.status_code == 200, health.text  # a skipped replica: reads go elsewhere
+    replicas = health.json()["databases"]["default"]["replicas"]
+    assert [r["status"] for r in replicas] == ["skipped", "ok"]
+    assert replicas[0]["reason"].startswith("down: ")
+    assert replicas[1]["lag_bytes"] >= 0
+    assert replicas[1]["pool"]["checked_out"] == 0
+    assert replicas[1]["url"].endswith(f":{PORTS[0]}/{NAME}")
+
+
+def test_dispose_disposes_the_replica_engines(drive: Driver, shared: None) -> None:
+    maker = drive.maker()
+    ports(drive, maker, 2)
+    assert maker.replicas is not None
+    engines = [replica.engine for replica in maker.replicas.replicas]
+    pools: list[Any] = [e.pool if isinstance(e, sa.Engine) else e.sync_engine.pool for e in engines]
+    assert all(pool.checkedin() >= 1 for pool in pools)
+    drive.dispose(maker)
+    assert all(replica.engine is None for replica in maker.replicas.replicas)
+    assert all(pool.checkedin() == 0 for pool in pools)
+    assert sorted(ports(drive, maker, 2)) == sorted(PORTS)  # used again: new engines
+
+
+# -- configuration (no server needed) -----------------------------------------------------------
+def test_replica_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, twin: str) -> None:
+    monkeypatch.setenv("DATABASE_URI", "postgresql://app:pw@primary:5432/shop")
+    monkeypatch.setenv(
+        "DATABASE_REPLICA_URIS", " postgresql://app:s3cret@r1/shop, postgresql://r2:5433/shop ,"
+    )
+    monkeypatch.setenv("DATABASE_REPLICA_MAX_LAG", "1000")
+    monkeypatch.setenv("DATABASE_REPLICA_CHECK_INTERVAL", "0.5")
+    cls = FastAPISessionMaker if twin == "sync" else AsyncFastAPISessionMaker
+    maker = cls()
+    assert maker.replicas is not None
+    assert [r.url.host for r in maker.replicas.replicas] == ["r1", "r2"]
+    assert maker.replicas.max_lag == 1000
+    assert maker.replicas.check_interval == 0.5
+    driver = "asyncpg" if twin == "async" else "psycopg"
+    assert maker.replicas.report()[0]["url"] == f"postgresql+{driver}://app:***@r1/shop"
+    assert "s3cret" not in repr(DatabaseSettings())
+
+
+def test_bad_replica_settings_fail_with_one_line_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URI", "postgresql://primary/shop")
+    monkeypatch.setenv("DATABASE_REPLICA_URIS", "postgresql://app:s3cret@r1/shop,not a url")
+    with pytest.raises(
+        ConfigurationError, match=r"^DATABASE_REPLICA_URIS is not a valid database URL"
+    ) as bad:
+        FastAPISessionMaker()
+    assert "s3cret" not in str(bad.value)
+    assert "\n" not in str(bad.value)
+    monkeypatch.setenv("DATABASE_REPLICA_URIS", "mysql://r1/shop")
+    with pytest.raises(ConfigurationError, match="DATABASE_REPLICA_URIS: read replicas need PostgreSQL"):
+        FastAPISessionMaker()
+    with pytest.raises(ConfigurationError, match="replica_uris: read replicas need PostgreSQL"):
+        FastAPISessionMaker("sqlite://", replica_uris=["postgresql://r1/db"])
+    with pytest.raises(ConfigurationError, match=re.escape("replica_uris: give a list of URLs")):
+        FastAPISessionMaker("postgresql://p/db", replica_uris="postgresql://r1/db")
+    with pytest.raises(ConfigurationError, match="replica_max_lag=-1"):
+        FastAPISessionMaker("postgresql://p/db", replica_uris=["postgresql://r1/db"], replica_max_lag=-1)
+    monkeypatch.setenv("DATABASE_REPLICA_URIS", "")
+    assert FastAPISessionMaker().replicas is None  # empty: no replicas
+
+
+def test_a_maker_without_replicas_composes_no_routing() -> None:
+    maker = FastAPISessionMaker("sqlite://")
+    assert maker.replicas is None
+    session = maker.lifecycle.open(maker.policy.READ_ONLY)
+    assert not any(c.__name__ == "ReplicaMixin" for c in type(session).__mro__)
+    session.close()
+    maker.dispose()
