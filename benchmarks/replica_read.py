@@ -6,7 +6,8 @@ Usage: ``.venv/bin/python benchmarks/replica_read.py [rounds] [requests]`` (abou
 
 The same ``GET /items/{id}`` (a primary-key read in a ``READ_ONLY`` request session), called
 in-process as uvicorn calls it, sequentially, for both twins and three set-ups interleaved over
-rounds: ``primary`` (a maker without replicas), ``replica`` (a maker with the two standbys: round
+rounds: ``primary`` (a maker without replicas), ``standby, no routing`` (a maker whose database
+is the first standby: the server's own cost), ``replica`` (a maker with the two standbys: round
 robin), ``replica + position`` (the same, with an ``X-DB-Position`` the standbys have replayed: one
 more round trip to check it on the replica). The table gives the median wall time per request and
 its ratio to the ``primary`` cell of the same twin and round (median over rounds).
@@ -34,7 +35,7 @@ from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker
 PRIMARY = "postgresql://postgres@127.0.0.1:5440/test"
 REPLICAS = ["postgresql://postgres@127.0.0.1:5441/test", "postgresql://postgres@127.0.0.1:5442/test"]
 ROWS = 1000
-SETUPS = ("primary", "replica", "replica + position")
+SETUPS = ("primary", "standby, no routing", "replica", "replica + position")
 
 
 def prepare() -> str:
@@ -139,6 +140,7 @@ async def measure(rounds: int, requests: int) -> list[dict[str, Any]]:
     makers: dict[tuple[str, str], Any] = {}
     for twin, cls in (("sync", FastAPISessionMaker), ("async", AsyncFastAPISessionMaker)):
         makers[(twin, "primary")] = cls(PRIMARY)
+        makers[(twin, "standby, no routing")] = cls(REPLICAS[0])
         makers[(twin, "replica")] = cls(PRIMARY, replica_uris=REPLICAS)
     apps = {key: app_for(maker) for key, maker in makers.items()}
     token = [(b"x-db-position", position.encode())]
@@ -151,7 +153,7 @@ async def measure(rounds: int, requests: int) -> list[dict[str, Any]]:
             for twin in ("sync", "async"):
                 this_round = {}
                 for setup in SETUPS:
-                    app = apps[(twin, "primary" if setup == "primary" else "replica")]
+                    app = apps[(twin, "replica" if setup == "replica + position" else setup)]
                     headers = token if setup == "replica + position" else []
                     this_round[setup] = await cell(app, requests, headers)
                     samples.setdefault((twin, setup), []).append(this_round[setup])

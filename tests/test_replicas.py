@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -717,3 +718,64 @@ def test_a_maker_without_replicas_composes_no_routing() -> None:
     assert not any(c.__name__ == "ReplicaMixin" for c in type(session).__mro__)
     session.close()
     maker.dispose()
+
+
+# -- docs/scaling.md, "Read replicas" -------------------------------------------------------------
+def replica_blocks() -> list[str]:
+    """The page's python blocks that this file runs (marked ``<!-- test: tests/test_replicas.py -->``)."""
+    page = (ROOT / "docs" / "scaling.md").read_text()
+    marker = r"<!-- test: tests/test_replicas\.py -->\n```python\n(.*?)```"
+    return re.findall(marker, page, flags=re.DOTALL)
+
+
+def test_the_docs_read_replica_examples_do_what_the_page_says(shared: None, serve: Serve) -> None:
+    blocks = replica_blocks()
+    assert len(blocks) == 2
+    # The page's URLs name the rig's `test` database: this run uses its own.
+    assert blocks[0].count('/test"') == 3
+    namespace: dict[str, Any] = {"__name__": "docs_scaling"}
+    exec(blocks[0].replace('/test"', f'/{NAME}"'), namespace)
+    db = namespace["db"]
+    try:
+        assert db.replicas is not None
+        assert [r.url.port for r in db.replicas.replicas] == list(PORTS)
+        assert (db.replicas.max_lag, db.replicas.check_interval) == (16 * 1024 * 1024, 1.0)
+        with admin(PRIMARY_PORT).connect() as connection:
+            connection.exec_driver_sql("DROP TABLE IF EXISTS notes")
+            connection.exec_driver_sql("CREATE TABLE notes (id serial PRIMARY KEY, text text)")
+        for port in PORTS:
+            wait_until(functools.partial(replayed_everything, port), f"standby {port} to replay the table")
+        client = serve(namespace["app"])
+        exec(blocks[1], namespace)
+        first = namespace["add_then_count"](client, "hello")
+        assert first["count"] == 1  # "the first add_then_count(client, "hello") counts 1 note"
+        assert first["served_by"] in (PRIMARY_PORT, *PORTS)
+        assert namespace["add_then_count"](client, "again")["count"] == 2
+        served = {client.get("/notes/count").json()["served_by"] for _ in range(4)}
+        assert served == set(PORTS)  # read-only requests without a position: the replicas in turn
+    finally:
+        db.dispose()
+
+
+def test_the_replica_benchmark_smoke_mode_measures_every_cell(shared: None) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "replica_read.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    rows = [
+        line.split("|")
+        for line in result.stdout.splitlines()
+        if line.startswith("| sync") or line.startswith("| async")
+    ]
+    assert [(row[1].strip(), row[2].strip()) for row in rows] == [
+        (twin, setup)
+        for twin in ("sync", "async")
+        for setup in ("primary", "standby, no routing", "replica", "replica + position")
+    ], result.stdout
+    assert all(float(row[4]) > 0 for row in rows)
+    assert [row[4].strip() for row in rows if row[2].strip() == "primary"] == ["1.00", "1.00"]
