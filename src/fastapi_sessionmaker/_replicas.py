@@ -28,6 +28,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -164,7 +165,10 @@ class ReplicaSet:
         self._next_check = 0.0
         self._engines_lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.mixin: type[ReplicaMixin] = type("ReplicaRouting", (ReplicaMixin,), {"replica_set": self})
+        # A weak reference: the composed session classes are cached for the process, the maker
+        # (and so its replica set) need not be.
+        routing = {"replica_set": weakref.proxy(self)}
+        self.mixin: type[ReplicaMixin] = type("ReplicaRouting", (ReplicaMixin,), routing)
         """The session mixin that routes this maker's read-only sessions (see :class:`ReplicaMixin`)."""
 
     # -- engines ---------------------------------------------------------------------------
