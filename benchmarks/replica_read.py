@@ -1,7 +1,7 @@
 """What a read from a replica costs against the same read from the primary, per request.
 
 Usage: ``.venv/bin/python benchmarks/replica_read.py [rounds] [requests]`` (about half a minute;
-``--smoke`` for a few seconds). Needs the standby rig: ``scripts/standby start`` (a primary on
+``--smoke``: one round of 10 requests). Needs the standby rig: ``scripts/standby start`` (a primary on
 127.0.0.1:5440, hot standbys on 5441 and 5442).
 
 The same ``GET /items/{id}`` (a primary-key read in a ``READ_ONLY`` request session), called
@@ -180,11 +180,8 @@ async def measure(rounds: int, requests: int) -> list[dict[str, Any]]:
 def main(argv: list[str]) -> int:
     smoke = "--smoke" in argv
     numbers = [int(a) for a in argv if a.isdigit()]
-    rounds, requests = (
-        ([*numbers, 2 if smoke else 7, 30 if smoke else 300])[:2]
-        if numbers
-        else ((2, 30) if smoke else (7, 300))
-    )
+    default = (1, 10) if smoke else (7, 300)
+    rounds, requests = (*numbers, *default[len(numbers) :])[:2]
     rows = asyncio.run(measure(rounds, requests))
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
