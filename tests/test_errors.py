@@ -182,6 +182,31 @@ def test_serialization_failures_and_deadlocks_are_retryable_and_503_whatever_the
     assert not is_integrity_error(exc)
 
 
+@pytest.mark.parametrize("wrapper", WRAPPERS, ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize(
+    "make_orig",
+    [
+        lambda: psycopg.errors.ReadOnlySqlTransaction("cannot execute INSERT in a read-only transaction"),
+        lambda: asyncpg_adapted(apg.ReadOnlySQLTransactionError("x")),
+    ],
+    ids=["psycopg-25006", "asyncpg-25006-adapted"],
+)
+def test_a_write_in_a_read_only_transaction_is_a_500_that_says_so(
+    make_orig: Callable[[], BaseException], wrapper: type[sa.exc.DBAPIError]
+) -> None:
+    """SQLSTATE 25006: a write sent to a hot standby (a read replica) or a READ ONLY transaction."""
+    exc = wrapper("INSERT INTO t VALUES (1)", {}, make_orig())
+    assert classify(exc.orig) == "read_only"
+    assert error_code(exc) == "25006"
+    problem = default_error_mapper(exc)
+    assert problem is not None
+    assert problem.status == 500
+    assert "read-only transaction" in problem.detail
+    assert "INSERT" not in problem.detail  # no SQL in the answer
+    assert not is_retryable(exc)
+    assert not is_connection_error(exc)
+
+
 def test_unwrapped_asyncpg_conflicts_are_retryable() -> None:
     """asyncpg's own exception, when SQLAlchemy did not wrap it, is classified by its SQLSTATE."""
     for error in (apg.SerializationError("x"), apg.DeadlockDetectedError("x")):

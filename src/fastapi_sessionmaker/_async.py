@@ -60,16 +60,19 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
 
     def get_new_engine(self) -> AsyncEngine:
         """A new async engine with this maker's options (dead pooled connections replaced on checkout)."""
+        return self._engine_for(self.url, self._variable)
+
+    def _engine_for(self, url: sa.URL, variable: str) -> AsyncEngine:
         try:
-            kwargs = self._engine_kwargs()
-            engine = create_async_engine(self.url, **kwargs)
+            kwargs = self._engine_kwargs(url)
+            engine = create_async_engine(url, **kwargs)
         except sa.exc.NoSuchModuleError:
-            raise unknown_driver(self.url, is_async=True, variable=self._variable) from None
+            raise unknown_driver(url, is_async=True, variable=variable) from None
         except ImportError as exc:
-            raise missing_driver(self.url, exc.name, is_async=True, variable=self._variable) from None
+            raise missing_driver(url, exc.name, is_async=True, variable=variable) from None
         except sa.exc.InvalidRequestError:
             raise ConfigurationError(
-                f"{self._variable} uses {self.url.drivername!r}, which is not an async driver: use "
+                f"{variable} uses {url.drivername!r}, which is not an async driver: use "
                 "e.g. postgresql+asyncpg, mysql+aiomysql or sqlite+aiosqlite (or leave the "
                 "driver out)"
             ) from None
@@ -197,6 +200,8 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
 
     async def dispose(self) -> None:
         """Close the pool's connections and forget the engine; the next use makes a new one."""
+        if self.replicas is not None:
+            await self.replicas.adispose()
         engine = self._forget()
         if engine is not None:
             await engine.dispose()

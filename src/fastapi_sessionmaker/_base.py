@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import sqlalchemy as sa
@@ -16,6 +16,12 @@ from sqlalchemy.engine import URL
 from fastapi_sessionmaker._engines import engine_kwargs
 from fastapi_sessionmaker._guard import chain_lifespan, registry_for
 from fastapi_sessionmaker._policy import CommitPolicy
+from fastapi_sessionmaker._replicas import (
+    DEFAULT_CHECK_INTERVAL,
+    DEFAULT_MAX_LAG,
+    ReplicaSet,
+    install_positions,
+)
 from fastapi_sessionmaker._request import ErrorMapper, current_state, dependency_for
 from fastapi_sessionmaker._settings import DatabaseSettings
 from fastapi_sessionmaker._urls import render_url, resolve_url
@@ -90,6 +96,9 @@ class MakerBase(Generic[EngineT, FactoryT]):
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
         sqlite_foreign_keys: bool = True,
+        replica_uris: Sequence[str | URL] | None = None,
+        replica_max_lag: int | None = DEFAULT_MAX_LAG,
+        replica_check_interval: float = DEFAULT_CHECK_INTERVAL,
     ) -> None:
         if database_uri is None and settings is None:
             settings = DatabaseSettings()
@@ -122,6 +131,41 @@ class MakerBase(Generic[EngineT, FactoryT]):
         self._joined_engine: EngineT | None = None
         self.dependency: Any = self.depends()
         """``Depends`` for the request session: ``Annotated[Session, db.dependency]``."""
+        self.replicas: ReplicaSet | None = None
+        """The read replicas (``replica_uris`` or ``DATABASE_REPLICA_URIS``), if any."""
+        replica_variable = "replica_uris"
+        if replica_uris is None and settings is not None:
+            replica_uris, replica_variable = settings.replica_urls(), "DATABASE_REPLICA_URIS"
+            if settings.replica_max_lag is not None:
+                replica_max_lag = settings.replica_max_lag
+            if settings.replica_check_interval is not None:
+                replica_check_interval = settings.replica_check_interval
+        if replica_uris:
+            self.replicas = self._replica_set(
+                replica_uris, replica_variable, replica_max_lag, replica_check_interval
+            )
+
+    def _replica_set(
+        self, uris: Sequence[str | URL], variable: str, max_lag: int | None, check_interval: float
+    ) -> ReplicaSet:
+        if isinstance(uris, (str, URL)):
+            raise ConfigurationError(f'{variable}: give a list of URLs, e.g. ["postgresql://replica1/db"]')
+        urls = [resolve_url(uri, is_async=self.is_async, variable=variable) for uri in uris]
+        for url in (self.url, *urls):
+            if url.get_backend_name() != "postgresql":
+                raise ConfigurationError(
+                    f"{variable}: read replicas need PostgreSQL streaming standbys, but "
+                    f"{render_url(url)} is {url.get_backend_name()}: leave {variable} out for it"
+                )
+        return ReplicaSet(
+            urls,
+            database=self.name,
+            is_async=self.is_async,
+            make_engine=lambda url: self._engine_for(url, variable),
+            primary=lambda: self.cached_engine,
+            max_lag=max_lag,
+            check_interval=check_interval,
+        )
 
     def _assign_uri(self, database_uri: str | URL, variable: str) -> None:
         self._url = resolve_url(database_uri, is_async=self.is_async, variable=variable)
@@ -167,8 +211,8 @@ class MakerBase(Generic[EngineT, FactoryT]):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.safe_url()!r}, name={self.name!r})"
 
-    def _engine_kwargs(self) -> dict[str, Any]:
-        return engine_kwargs(self.url, self.engine_options, is_async=self.is_async)
+    def _engine_kwargs(self, url: URL | None = None) -> dict[str, Any]:
+        return engine_kwargs(url or self.url, self.engine_options, is_async=self.is_async)
 
     # -- the cached engine and sessionmaker (fastapi-utils names) ---------------------------
     @property
@@ -191,6 +235,9 @@ class MakerBase(Generic[EngineT, FactoryT]):
 
     def get_new_engine(self) -> EngineT:
         """A new engine with this maker's options."""
+        return self._engine_for(self.url, self._variable)
+
+    def _engine_for(self, url: URL, variable: str) -> EngineT:
         raise NotImplementedError
 
     def get_new_sessionmaker(self, engine: EngineT | None) -> FactoryT:
@@ -278,6 +325,8 @@ class MakerBase(Generic[EngineT, FactoryT]):
         registry.add(self)
         if migrations is not None:  # chained first: it runs after the start-up check, inside it
             migrations.install(app, self)
+        if self.replicas is not None:  # read-your-writes headers (outside the guard)
+            install_positions(app, self)
         chain_lifespan(app, self.lifespan if check_on_startup else self._dispose_at_shutdown)
 
     @contextlib.asynccontextmanager

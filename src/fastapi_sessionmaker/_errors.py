@@ -86,6 +86,8 @@ _MYSQL_RETRYABLE = frozenset({1020, 1213})
 # statement, not the transaction. Busy rather than broken: 503 at the HTTP edge.
 _MYSQL_LOCK_TIMEOUT = frozenset({1205})
 _PG_LOCK_TIMEOUT = frozenset({"55P03"})
+# A write sent to a read-only transaction: a hot standby (a read replica) or SET TRANSACTION READ ONLY.
+_PG_READ_ONLY = frozenset({"25006"})
 # SQLite primary result codes: SQLITE_BUSY, SQLITE_LOCKED, SQLITE_CANTOPEN; SQLITE_CONSTRAINT.
 _SQLITE_UNAVAILABLE = frozenset({5, 6, 14})
 _SQLITE_CONSTRAINT = 19
@@ -94,6 +96,7 @@ UNAVAILABLE = "unavailable"
 INTEGRITY = "integrity"
 RETRYABLE = "retryable"
 LOCK_TIMEOUT = "lock_timeout"
+READ_ONLY = "read_only"
 OTHER = "other"
 
 
@@ -142,7 +145,8 @@ def _sqlite_kind(orig: BaseException | None) -> str:
 def classify(orig: BaseException | None) -> str | None:
     """What a driver's exception means by its code, whatever its class: ``"unavailable"``,
     ``"integrity"``, ``"retryable"`` (serialization failure, deadlock), ``"lock_timeout"``,
-    ``"other"``, or ``None`` when it carries no code this package knows.
+    ``"read_only"`` (SQLSTATE 25006: a write on a hot standby), ``"other"``, or ``None`` when it
+    carries no code this package knows.
 
     SQLite's result code decides for sqlite3 / aiosqlite; a MySQL/MariaDB error number we know
     comes before the SQLSTATE (MySQL's SQLSTATEs are coarse: ``42000`` is also "too many
@@ -174,6 +178,8 @@ def classify(orig: BaseException | None) -> str | None:
             return RETRYABLE
         if sqlstate in _PG_LOCK_TIMEOUT:
             return LOCK_TIMEOUT
+        if sqlstate in _PG_READ_ONLY:
+            return READ_ONLY
         return INTEGRITY if sqlstate.startswith("23") else OTHER
     return None if errno_ is None else OTHER
 
@@ -288,7 +294,8 @@ def default_error_mapper(exc: BaseException, *, retry_after: int = 1) -> Problem
 
     Integrity violations are 409; connection loss, pool timeout or an unreachable database are
     503 with ``Retry-After``; a serialization failure or deadlock (:func:`is_retryable`) that no
-    retry absorbed, and a lock wait timeout, are 503 with ``Retry-After`` too; any other
+    retry absorbed, and a lock wait timeout, are 503 with ``Retry-After`` too; a write in a read-only
+    transaction (SQLSTATE 25006, e.g. on a read replica) is 500 saying so; any other
     SQLAlchemy error is 500. A driver error is classified by its SQLSTATE or error number,
     whatever class SQLAlchemy gave it (see :func:`classify`), also when SQLAlchemy did not wrap it
     (asyncpg's connection-time errors on some Pythons). Messages never contain SQL, parameters or
@@ -317,6 +324,13 @@ def default_error_mapper(exc: BaseException, *, retry_after: int = 1) -> Problem
             else "The database waited too long for a lock and the transaction was rolled back; retry later."
         )
         return Problem(503, "Service Unavailable", detail, headers={"Retry-After": str(retry_after)})
+    if kind == READ_ONLY:
+        return Problem(
+            500,
+            "Internal Server Error",
+            "The request tried to write in a read-only transaction (a read replica, or a session "
+            "under CommitPolicy.READ_ONLY); nothing was stored: write in a session that can.",
+        )
     if is_connection_error(exc):
         return Problem(
             503,

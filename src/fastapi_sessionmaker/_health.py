@@ -26,16 +26,23 @@ __all__ = ["health_router", "pool_stats"]
 logger = logging.getLogger("fastapi_sessionmaker")
 
 
-def _pool(maker: AnyMaker) -> sa.Pool:
-    engine = maker.cached_engine
+def _pool(maker: AnyMaker, replica: int | None) -> sa.Pool:
+    if replica is None:
+        engine = maker.cached_engine
+    else:
+        if maker.replicas is None or not 0 <= replica < len(maker.replicas.replicas):
+            count = 0 if maker.replicas is None else len(maker.replicas.replicas)
+            raise ValueError(f"pool_stats(replica={replica}): {maker!r} has {count} replicas (0-based index)")
+        engine = maker.replicas.engine_of(maker.replicas.replicas[replica])
     return engine.pool if isinstance(engine, sa.Engine) else engine.sync_engine.pool
 
 
-def pool_stats(maker: AnyMaker) -> dict[str, int | None]:
+def pool_stats(maker: AnyMaker, *, replica: int | None = None) -> dict[str, int | None]:
     """The maker's pool now: ``size``, ``checked_out``, ``checked_in``, ``overflow``.
 
     Values a pool does not keep (``NullPool``, ``StaticPool``) are ``None``. ``overflow`` is
-    SQLAlchemy's count: negative while fewer than ``size`` connections exist.
+    SQLAlchemy's count: negative while fewer than ``size`` connections exist. ``replica``: the
+    pool of the maker's read replica with this index (0 for the first of ``replica_uris``).
 
     Example:
         >>> from fastapi_sessionmaker import FastAPISessionMaker, pool_stats
@@ -43,7 +50,7 @@ def pool_stats(maker: AnyMaker) -> dict[str, int | None]:
         >>> pool_stats(db)["size"], pool_stats(db)["checked_out"]
         (2, 0)
     """
-    pool = _pool(maker)
+    pool = _pool(maker, replica)
 
     def read(name: str) -> int | None:
         method = getattr(pool, name, None)
@@ -88,6 +95,8 @@ async def check_database(maker: AnyMaker, *, seconds: float) -> dict[str, Any]:
         report = {"status": "unavailable", "error": type(cause).__name__}
     report["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
     report["pool"] = pool_stats(maker)
+    if maker.replicas is not None:
+        report["replicas"] = await _check_replicas(maker, seconds)
     if report["status"] != "ok":
         logger.warning(
             "health check failed for database %r: %s",
@@ -96,6 +105,22 @@ async def check_database(maker: AnyMaker, *, seconds: float) -> dict[str, Any]:
             extra={"database": maker.name, "error_class": report["error"]},
         )
     return report
+
+
+async def _check_replicas(maker: AnyMaker, seconds: float) -> list[dict[str, Any]]:
+    """Check the replicas now (within ``seconds``); what each answered, with its pool. A replica
+    that is skipped does not make the database unhealthy: its reads go elsewhere."""
+    replicas = maker.replicas
+    assert replicas is not None
+    with anyio.move_on_after(seconds):
+        if maker.is_async:
+            await replicas.acheck()
+        else:
+            await anyio.to_thread.run_sync(replicas.check, abandon_on_cancel=True)
+    reports = replicas.report()
+    for index, report in enumerate(reports):
+        report["pool"] = pool_stats(maker, replica=index)
+    return reports
 
 
 def health_router(
@@ -113,6 +138,9 @@ def health_router(
     ``init_app`` are checked. A database installed with ``init_app(app, migrations=...)`` is
     also not ready (``"not_ready"``, 503) while its schema is behind the migrations' head; its
     report then carries ``schema`` with the ``current`` and ``head`` revisions.
+    ``init_app`` are checked. A maker with read replicas also reports each replica under
+    ``replicas`` (URL without secrets, ``ok`` or ``skipped`` with the reason, lag in bytes,
+    pool); a skipped replica does not turn the answer into a 503, as its reads go elsewhere.
 
     Args:
         makers: The makers to check (default: those installed on the app).

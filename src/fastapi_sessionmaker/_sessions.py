@@ -235,20 +235,24 @@ for _name in _LOCKED:
     setattr(RequestSessionMixin, _name, _locked(_name))
 
 
-_COMPOSED: dict[tuple[type[Session], bool, bool], type[Session]] = {}
+_COMPOSED: dict[tuple[type[Session], bool, bool, tuple[type[Session], ...]], type[Session]] = {}
 
 
-def compose(base: type[_S], read_only: bool, *, buffer_rows: bool = False) -> type[_S]:
+def compose(
+    base: type[_S], read_only: bool, *, buffer_rows: bool = False, mixins: tuple[type[Session], ...] = ()
+) -> type[_S]:
     """The request-session class for the configured ``base`` (cached: one class per variant).
 
     ``buffer_rows``: fetch every row of a result before returning it (SQLite, sync twin).
+    ``mixins``: more rules, under the request rules (a read replica's routing).
     """
-    key = (base, read_only, buffer_rows)
+    key = (base, read_only, buffer_rows, mixins)
     composed = _COMPOSED.get(key)
     if composed is None:
         bases: tuple[type, ...] = (RequestSessionMixin,)
         if read_only and not issubclass(base, ReadOnlyMixin):
             bases += (ReadOnlyMixin,)
+        bases += mixins
         attributes = {"__module__": base.__module__, "_fsm_buffer": buffer_rows}
         composed = type(f"Request{base.__name__}", (*bases, base), attributes)
         _COMPOSED[key] = composed

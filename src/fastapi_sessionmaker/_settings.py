@@ -39,7 +39,9 @@ class DatabaseSettings(BaseSettings):
     Give either ``DATABASE_URI`` or its parts (``DATABASE_SCHEME``, ``DATABASE_USER``,
     ``DATABASE_PASSWORD``, ``DATABASE_HOST``, ``DATABASE_PORT``, ``DATABASE_NAME``); pool options are
     ``DATABASE_POOL_SIZE``, ``DATABASE_MAX_OVERFLOW``, ``DATABASE_POOL_TIMEOUT``,
-    ``DATABASE_POOL_RECYCLE`` and ``DATABASE_ECHO``. The password is a secret: it never appears in
+    ``DATABASE_POOL_RECYCLE`` and ``DATABASE_ECHO``. Read replicas: ``DATABASE_REPLICA_URIS``
+    (comma-separated URLs), ``DATABASE_REPLICA_MAX_LAG`` (bytes) and
+    ``DATABASE_REPLICA_CHECK_INTERVAL`` (seconds). The password is a secret: it never appears in
     ``repr``, logs or errors. A missing or malformed value raises :class:`ConfigurationError`
     naming the variable. ``DATABASE_URI`` may carry its own password; it is masked the same way.
 
@@ -66,6 +68,11 @@ class DatabaseSettings(BaseSettings):
     pool_timeout: float | None = None
     pool_recycle: int | None = None
     echo: bool = False
+
+    replica_uris: SecretStr | None = None
+    """Read replicas, comma-separated URLs (``DATABASE_REPLICA_URIS``); see ``replica_urls()``."""
+    replica_max_lag: int | None = Field(default=None, ge=0)
+    replica_check_interval: float | None = Field(default=None, gt=0)
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -96,6 +103,13 @@ class DatabaseSettings(BaseSettings):
             database=self.name,
         )
         return parse_url(url, variable="DATABASE_SCHEME")
+
+    def replica_urls(self) -> list[URL]:
+        """The URLs of ``DATABASE_REPLICA_URIS`` (comma-separated; none when unset or empty)."""
+        if self.replica_uris is None:
+            return []
+        parts = [part.strip() for part in self.replica_uris.get_secret_value().split(",")]
+        return [parse_url(part, variable="DATABASE_REPLICA_URIS") for part in parts if part]
 
     def engine_options(self) -> dict[str, Any]:
         """Pool options that were set, as ``create_engine`` keyword arguments."""

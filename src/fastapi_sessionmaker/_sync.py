@@ -105,9 +105,11 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
     # -- fastapi-utils names ---------------------------------------------------------------
     def get_new_engine(self) -> sa.Engine:
         """A new engine with this maker's options (dead pooled connections replaced on checkout)."""
-        return create_checked_engine(
-            self.url, self._engine_kwargs(), self._variable, sqlite_foreign_keys=self.sqlite_foreign_keys
-        )
+        return self._engine_for(self.url, self._variable)
+
+    def _engine_for(self, url: sa.URL, variable: str) -> sa.Engine:
+        kwargs = self._engine_kwargs(url)
+        return create_checked_engine(url, kwargs, variable, sqlite_foreign_keys=self.sqlite_foreign_keys)
 
     def get_new_sessionmaker(self, engine: sa.Engine | None) -> sessionmaker[Session]:
         """A new sessionmaker bound to ``engine`` (the cached engine when ``None``)."""
@@ -216,6 +218,8 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
     # -- lifecycle -------------------------------------------------------------------------
     def dispose(self) -> None:
         """Close the pool's connections and forget the engine; the next use makes a new one."""
+        if self.replicas is not None:
+            self.replicas.dispose()
         engine = self._forget()
         if engine is not None:
             engine.dispose()

@@ -171,7 +171,9 @@ class SyncLifecycle:
         """A new request session: the configured class, composed with the request rules."""
         factory = self.maker.cached_sessionmaker
         sqlite = self.maker.url.get_backend_name() == "sqlite"
-        cls = compose(factory.class_, policy is CommitPolicy.READ_ONLY, buffer_rows=sqlite)
+        read_only = policy is CommitPolicy.READ_ONLY
+        mixins = (self.maker.replicas.mixin,) if read_only and self.maker.replicas is not None else ()
+        cls = compose(factory.class_, read_only, buffer_rows=sqlite, mixins=mixins)
         return cls(**{**factory.kw, "close_resets_only": False})
 
     def limiter(self) -> Limiter | None:
@@ -235,7 +237,9 @@ class AsyncLifecycle:
         """A new request session: the configured classes, composed with the request rules."""
         factory = self.maker.cached_sessionmaker
         base = factory.kw.get("sync_session_class") or Session
-        sync_class = compose(base, policy is CommitPolicy.READ_ONLY)
+        read_only = policy is CommitPolicy.READ_ONLY
+        mixins = (self.maker.replicas.mixin,) if read_only and self.maker.replicas is not None else ()
+        sync_class = compose(base, read_only, mixins=mixins)
         return factory.class_(**{**factory.kw, "sync_session_class": sync_class, "close_resets_only": False})
 
     def limiter(self) -> Limiter | None:
