@@ -75,6 +75,10 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
         engine_options: Extra ``create_engine`` keyword arguments (they win over ours).
         session_options: Extra ``sessionmaker`` keyword arguments (they win over our
             ``expire_on_commit=False`` and ``autoflush=False``, as in fastapi-utils).
+        session_class: The ``Session`` subclass of request sessions and :meth:`context_session`,
+            e.g. ``sqlmodel.Session`` (then ``session.exec()`` works under every policy). The
+            async twin takes an ``AsyncSession`` subclass, e.g. SQLModel's
+            ``sqlmodel.ext.asyncio.session.AsyncSession``.
         sqlite_foreign_keys: On SQLite, run ``PRAGMA foreign_keys=ON`` on every connection
             (the default), so ``FOREIGN KEY`` and ``ON DELETE CASCADE`` are enforced; ``False``
             keeps SQLite's own default (not enforced). Other databases always enforce them.

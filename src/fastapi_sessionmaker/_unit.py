@@ -234,7 +234,8 @@ class AsyncLifecycle:
     def open(self, policy: CommitPolicy) -> AsyncSession:
         """A new request session: the configured classes, composed with the request rules."""
         factory = self.maker.cached_sessionmaker
-        base = factory.kw.get("sync_session_class") or Session
+        # The configured class's own sync class (SQLModel's AsyncSession: ``sqlmodel.Session``).
+        base: type[Session] = factory.kw.get("sync_session_class") or factory.class_.sync_session_class
         sync_class = compose(base, policy is CommitPolicy.READ_ONLY)
         return factory.class_(**{**factory.kw, "sync_session_class": sync_class, "close_resets_only": False})
 

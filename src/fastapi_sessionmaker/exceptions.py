@@ -7,6 +7,7 @@ the HTTP edge as they were raised. What this package adds is for configuration a
     ├── ConcurrentSessionUseError (also a RuntimeError) one AsyncSession used by several tasks at once
     ├── ConfigurationError (also a ValueError)      a bad DATABASE_URI, unknown dialect, missing driver
     ├── DatabaseUnavailableError                     the start-up check could not reach the database
+    ├── NotFoundError (also fastapi's HTTPException) ``get_or_404`` / ``one_or_404`` found no row: a 404
     ├── NotInstalledError (also a RuntimeError)      a request dependency used without ``init_app(app)``
     ├── ReadOnlySessionError (also a RuntimeError)   a flush of ORM changes in a read-only session
     ├── ResponseStartedError (also a RuntimeError)   a write through a request session after its
@@ -18,11 +19,14 @@ the HTTP edge as they were raised. What this package adds is for configuration a
 
 from __future__ import annotations
 
+from fastapi import HTTPException
+
 __all__ = [
     "ConcurrentSessionUseError",
     "ConfigurationError",
     "DatabaseUnavailableError",
     "FastAPISessionMakerError",
+    "NotFoundError",
     "NotInstalledError",
     "ReadOnlySessionError",
     "ResponseStartedError",
@@ -64,6 +68,22 @@ class DatabaseUnavailableError(FastAPISessionMakerError):
 
     The message holds the URL with its password hidden and the driver's error class.
     """
+
+
+class NotFoundError(FastAPISessionMakerError, HTTPException):
+    """No row for :func:`~fastapi_sessionmaker.get_or_404` / :func:`~fastapi_sessionmaker.one_or_404`.
+
+    A ``fastapi.HTTPException`` with status 404 and the message as its ``detail``: every FastAPI
+    app answers it with a 404; after ``init_app`` the answer is problem JSON
+    (``{"type": "about:blank", "title": "Not Found", "status": 404, "detail": ...}``).
+
+    Example:
+        >>> NotFoundError("Hero 7 was not found.").status_code
+        404
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(status_code=404, detail=detail)
 
 
 class NotInstalledError(FastAPISessionMakerError, RuntimeError):
