@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import FastAPI, Query
-from sqlmodel import SQLModel, select
+from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from examples.heroes_models import DEFAULT_DATABASE_URI, Hero, HeroCreate, HeroPublic, HeroUpdate
@@ -49,7 +49,7 @@ async def read_heroes(
     offset: int = 0,
     limit: Annotated[int, Query(le=100)] = 100,
 ) -> list[Hero]:
-    heroes = await session.exec(select(Hero).order_by(Hero.id).offset(offset).limit(limit))  # type: ignore[arg-type]
+    heroes = await session.exec(select(Hero).order_by(col(Hero.id)).offset(offset).limit(limit))
     return list(heroes.all())
 
 

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import anyio
 from fastapi import FastAPI, Query
-from sqlmodel import Session, SQLModel, select
+from sqlmodel import Session, SQLModel, col, select
 
 from examples.heroes_models import DEFAULT_DATABASE_URI, Hero, HeroCreate, HeroPublic, HeroUpdate
 from fastapi_sessionmaker import FastAPISessionMaker, get_or_404
@@ -50,7 +50,7 @@ def read_heroes(
     offset: int = 0,
     limit: Annotated[int, Query(le=100)] = 100,
 ) -> list[Hero]:
-    return list(session.exec(select(Hero).order_by(Hero.id).offset(offset).limit(limit)).all())  # type: ignore[arg-type]
+    return list(session.exec(select(Hero).order_by(col(Hero.id)).offset(offset).limit(limit)).all())
 
 
 @app.get("/heroes/{hero_id}", response_model=HeroPublic)
