@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 
 def _missing(model: type[Any], ident: Any) -> str:
-    return f"{model.__name__} {ident!r} was not found."
+    return f"{model.__name__} {ident} was not found."
 
 
 def _nothing(statement: Any) -> str:
