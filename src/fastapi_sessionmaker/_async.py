@@ -38,7 +38,8 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
     """The async twin of :class:`FastAPISessionMaker`: the same names, ``AsyncSession`` inside.
 
     ``postgresql://`` uses asyncpg (psycopg 3 if asyncpg is missing), ``mysql://`` aiomysql,
-    ``sqlite://`` aiosqlite, so one ``DATABASE_URI`` serves both twins.
+    ``sqlite://`` aiosqlite, so one ``DATABASE_URI`` serves both twins. ``session_class=`` takes an
+    ``AsyncSession`` subclass, e.g. SQLModel's ``sqlmodel.ext.asyncio.session.AsyncSession``.
 
     Example:
         >>> from typing import Annotated
