@@ -3,6 +3,8 @@ in both twins, composed with the read-only, after-the-response-started and seria
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
 
@@ -271,3 +273,18 @@ def test_a_wrong_session_class_is_a_clear_error(maker_class: Any, given: Any, me
 def test_the_session_class_is_given_once() -> None:
     with pytest.raises(ConfigurationError, match=r"give the session class once"):
         FastAPISessionMaker("sqlite://", session_class=Session, session_options={"class_": Session})
+
+
+def test_an_app_without_sqlmodel_never_imports_it() -> None:
+    code = (
+        "import sys\n"
+        "from fastapi_sessionmaker import CommitPolicy, FastAPISessionMaker\n"
+        "db = FastAPISessionMaker('sqlite://')\n"
+        "with db.context_session() as session:\n"
+        "    session.close()\n"
+        "db.lifecycle.open(CommitPolicy.READ_ONLY).close()\n"
+        "print('sqlmodel' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

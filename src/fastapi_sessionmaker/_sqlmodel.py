@@ -5,24 +5,26 @@ SQLModel's class), which would skip what :class:`~._sessions.RequestSessionMixin
 ``execute``: the per-session lock, the rows fetched in full on SQLite, and the short read
 transaction of a statement run after the response started. :class:`ExecThroughExecute` gives the
 composed request session an ``exec`` that runs the statement through ``self.execute`` and then
-does what SQLModel's does: ``.scalars()`` for a ``select()`` of one entity or column. The async
-twin needs nothing more: SQLModel's ``AsyncSession.exec`` calls its sync session's ``exec``.
+does what SQLModel's does: ``.scalars()`` for a ``select()`` of one entity or column. SQLModel's
+``AsyncSession.exec`` calls its sync session's ``exec``, so the async twin gets the same rules;
+``_sessions.compose_async`` adds the one-operation-at-a-time check to it.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __all__ = ["ExecThroughExecute", "is_sqlmodel_session"]
 
 
 def is_sqlmodel_session(cls: type[Any]) -> bool:
-    """Whether ``cls`` is SQLModel's ``Session`` or a subclass (``False`` without SQLModel)."""
-    try:
-        from sqlmodel import Session as SQLModelSession
-    except ImportError:
-        return False
-    return issubclass(cls, SQLModelSession)
+    """Whether ``cls`` is SQLModel's ``Session`` or a subclass.
+
+    SQLModel is not imported here: a class of it means it was imported already.
+    """
+    sqlmodel = sys.modules.get("sqlmodel")
+    return sqlmodel is not None and issubclass(cls, sqlmodel.Session)
 
 
 class ExecThroughExecute:
