@@ -219,25 +219,37 @@ def test_the_request_session_is_sqlmodels_composed_with_the_rules(
     asyncio.run(main())
 
 
-def test_context_session_is_sqlmodels(twin: str, heroes: sa.Engine, make_maker: MakerFactory) -> None:
+def test_sessions_outside_requests_are_sqlmodels(
+    twin: str, heroes: sa.Engine, make_maker: MakerFactory
+) -> None:
+    """context_session(), task_session() and run_in_transaction() hand out SQLModel's class."""
     maker = make_maker(session_class=session_class(twin))
     if isinstance(maker, FastAPISessionMaker):
         with maker.context_session() as session:
             session.add(Hero(name="ctx", secret_name="s"))
-        with maker.context_session() as session:
-            assert [h.name for h in session.exec(select(Hero)).all()] == ["ctx"]  # type: ignore[attr-defined]
+        with maker.task_session() as session:
+            session.add(Hero(name="task", secret_name="s"))
+
+        def read_sync(session: Any) -> list[str]:
+            return [h.name for h in session.exec(select(Hero).order_by(col(Hero.id)))]
+
+        assert maker.run_in_transaction(read_sync) == ["ctx", "task"]
         return
 
     async def main() -> list[str]:
         async with maker.context_session() as session:
             session.add(Hero(name="ctx", secret_name="s"))
-        async with maker.context_session() as session:
-            found = await session.exec(select(Hero))  # type: ignore[attr-defined]
-            heroes = [h.name for h in found.all()]
+        async with maker.task_session() as session:
+            session.add(Hero(name="task", secret_name="s"))
+
+        async def read(session: Any) -> list[str]:
+            return [h.name for h in await session.exec(select(Hero).order_by(col(Hero.id)))]
+
+        heroes = await maker.run_in_transaction(read)
         await maker.dispose()  # on this event loop, which the connections belong to
         return heroes
 
-    assert asyncio.run(main()) == ["ctx"]
+    assert asyncio.run(main()) == ["ctx", "task"]
 
 
 @pytest.mark.parametrize(
