@@ -36,6 +36,10 @@ EXPECTED_ROOT = {
     "Problem",
     "default_error_mapper",
     "is_retryable",
+    # a row or a problem JSON 404
+    "get_or_404",
+    "one_or_404",
+    "NotFoundError",
     # settings
     "DatabaseSettings",
     # health and pool stats

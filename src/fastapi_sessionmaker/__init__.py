@@ -26,6 +26,8 @@ from fastapi_sessionmaker._health import health_router as health_router
 from fastapi_sessionmaker._health import pool_stats as pool_stats
 from fastapi_sessionmaker._local import set_local as set_local
 from fastapi_sessionmaker._local import use_schemas as use_schemas
+from fastapi_sessionmaker._notfound import get_or_404 as get_or_404
+from fastapi_sessionmaker._notfound import one_or_404 as one_or_404
 from fastapi_sessionmaker._oncommit import on_commit as on_commit
 from fastapi_sessionmaker._oncommit import on_rollback as on_rollback
 from fastapi_sessionmaker._policy import CommitPolicy as CommitPolicy
@@ -40,6 +42,7 @@ from fastapi_sessionmaker.exceptions import ConfigurationError as ConfigurationE
 from fastapi_sessionmaker.exceptions import DatabaseUnavailableError as DatabaseUnavailableError
 from fastapi_sessionmaker.exceptions import FastAPISessionMakerError as FastAPISessionMakerError
 from fastapi_sessionmaker.exceptions import MigrationError as MigrationError
+from fastapi_sessionmaker.exceptions import NotFoundError as NotFoundError
 from fastapi_sessionmaker.exceptions import NotInstalledError as NotInstalledError
 from fastapi_sessionmaker.exceptions import ReadOnlySessionError as ReadOnlySessionError
 from fastapi_sessionmaker.exceptions import ResponseStartedError as ResponseStartedError
@@ -81,6 +84,7 @@ __all__ = [
     "FastAPISessionMaker",
     "FastAPISessionMakerError",
     "MigrationError",
+    "NotFoundError",
     "NotInstalledError",
     "Problem",
     "ReadOnlySession",
@@ -93,11 +97,13 @@ __all__ = [
     "default_error_mapper",
     "dependency_of",
     "get_engine",
+    "get_or_404",
     "get_sessionmaker_for_engine",
     "health_router",
     "is_retryable",
     "on_commit",
     "on_rollback",
+    "one_or_404",
     "pool_stats",
     "set_local",
     "setup_guids_postgresql",

@@ -39,7 +39,8 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
 
     ``postgresql://`` uses asyncpg (psycopg 3 if asyncpg is missing), ``mysql://`` aiomysql,
     ``sqlite://`` aiosqlite, so one ``DATABASE_URI`` serves both twins. It takes the same
-    arguments as :class:`FastAPISessionMaker`.
+    arguments as :class:`FastAPISessionMaker`; ``session_class=`` takes an ``AsyncSession``
+    subclass, e.g. SQLModel's ``sqlmodel.ext.asyncio.session.AsyncSession``.
 
     Example:
         >>> from typing import Annotated

@@ -23,6 +23,7 @@ from fastapi_sessionmaker._replicas import (
     install_positions,
 )
 from fastapi_sessionmaker._request import ErrorMapper, current_state, dependency_for
+from fastapi_sessionmaker._sessions import checked_session_class
 from fastapi_sessionmaker._settings import DatabaseSettings
 from fastapi_sessionmaker._urls import render_url, resolve_url
 from fastapi_sessionmaker.exceptions import ConfigurationError
@@ -95,6 +96,7 @@ class MakerBase(Generic[EngineT, FactoryT]):
         policy: CommitPolicy | str = CommitPolicy.AUTO,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        session_class: type[Any] | None = None,
         sqlite_foreign_keys: bool = True,
         replica_uris: Sequence[str | URL] | None = None,
         replica_max_lag: int | None = DEFAULT_MAX_LAG,
@@ -122,6 +124,12 @@ class MakerBase(Generic[EngineT, FactoryT]):
         # fastapi-utils' and the FastAPI tutorial's SessionLocal: no autoflush, no expiry on commit.
         self.session_options: dict[str, Any] = {"expire_on_commit": False, "autoflush": False}
         self.session_options.update(session_options or {})
+        if session_class is not None:
+            if "class_" in self.session_options:
+                raise ConfigurationError(
+                    "give the session class once: session_class=... or session_options={'class_': ...}"
+                )
+            self.session_options["class_"] = checked_session_class(session_class, is_async=self.is_async)
         self._engine: EngineT | None = None
         self._sessionmaker: FactoryT | None = None
         self._dependencies: dict[tuple[CommitPolicy | None, int], Any] = {}

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_sessionmaker._errors import Problem, is_retryable, log_mapped
+from fastapi_sessionmaker._notfound import not_found_response
 from fastapi_sessionmaker._request import (
     ErrorMapper,
     Registry,
@@ -24,6 +25,7 @@ from fastapi_sessionmaker._request import (
 )
 from fastapi_sessionmaker._retry import next_delay
 from fastapi_sessionmaker._shield import poll_receive, run_to_completion
+from fastapi_sessionmaker.exceptions import NotFoundError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -274,6 +276,7 @@ def registry_for(app: FastAPI, *, error_mapper: ErrorMapper | None = None) -> Re
         registry = Registry()
         app.state.fastapi_sessionmaker = registry
         app.add_middleware(SessionGuard, registry=registry)
+        app.add_exception_handler(NotFoundError, not_found_response)  # get_or_404: problem JSON
     if error_mapper is not None:
         registry.error_mapper = error_mapper
     return registry

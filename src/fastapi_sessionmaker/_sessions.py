@@ -2,8 +2,8 @@
 
 A request session is the configured ``Session`` class (``sqlalchemy.orm.Session``, SQLModel's, the
 user's own) with :class:`RequestSessionMixin` in front, and :class:`ReadOnlyMixin` under
-``CommitPolicy.READ_ONLY``. The async twin composes its ``sync_session_class`` the same way, so
-both twins share these rules:
+``CommitPolicy.READ_ONLY``, and SQLModel's ``exec()`` routed through ``execute`` (:mod:`._sqlmodel`).
+The async twin composes its ``sync_session_class`` the same way, so both twins share these rules:
 
 - **One thread at a time.** Every method that can do I/O or end the transaction holds a
   per-session re-entrant lock. The guard ends a session under that lock, so a sync endpoint that
@@ -33,8 +33,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from fastapi_sessionmaker import _compat
+from fastapi_sessionmaker._sqlmodel import ExecThroughExecute, is_sqlmodel_session
 from fastapi_sessionmaker.exceptions import (
     ConcurrentSessionUseError,
+    ConfigurationError,
     ReadOnlySessionError,
     ResponseStartedError,
 )
@@ -46,6 +48,7 @@ __all__ = [
     "ReadOnlySession",
     "RequestSessionMixin",
     "SerialAsyncSession",
+    "checked_session_class",
     "compose",
     "compose_async",
     "discarded_changes",
@@ -250,6 +253,8 @@ def compose(
     composed = _COMPOSED.get(key)
     if composed is None:
         bases: tuple[type, ...] = (RequestSessionMixin,)
+        if is_sqlmodel_session(base):
+            bases = (ExecThroughExecute, *bases)
         if read_only and not issubclass(base, ReadOnlyMixin):
             bases += (ReadOnlyMixin,)
         bases += mixins
@@ -304,7 +309,7 @@ _SERIAL_METHODS = (
 )
 
 
-def _serial(name: str) -> Callable[..., Any]:
+def _serial(name: str, base: type[AsyncSession] = AsyncSession) -> Callable[..., Any]:
     async def serial(self: SerialAsyncSession, *args: Any, **kwargs: Any) -> Any:
         running = self._fsm_running
         if running is not None:
@@ -325,7 +330,7 @@ def _serial(name: str) -> Callable[..., Any]:
                 if not idle.done():
                     idle.set_result(None)
 
-    return functools.wraps(getattr(AsyncSession, name))(serial)
+    return functools.wraps(getattr(base, name))(serial)
 
 
 for _name in _SERIAL_METHODS:
@@ -341,9 +346,32 @@ def compose_async(base: type[AsyncSession]) -> type[AsyncSession]:
         return base
     composed = _COMPOSED_ASYNC.get(base)
     if composed is None:
-        composed = type(f"Serial{base.__name__}", (SerialAsyncSession, base), {"__module__": base.__module__})
+        attributes: dict[str, Any] = {"__module__": base.__module__}
+        if hasattr(base, "exec"):  # SQLModel's AsyncSession.exec (it does not call execute)
+            attributes["exec"] = _serial("exec", base)
+        composed = type(f"Serial{base.__name__}", (SerialAsyncSession, base), attributes)
         _COMPOSED_ASYNC[base] = composed
     return composed
+
+
+def checked_session_class(cls: Any, *, is_async: bool) -> type[Any]:
+    """``cls`` if it can be the maker's session class (``session_class=``), else a one-line error."""
+    maker = "AsyncFastAPISessionMaker" if is_async else "FastAPISessionMaker"
+    wanted, other = (AsyncSession, Session) if is_async else (Session, AsyncSession)
+    if isinstance(cls, type) and issubclass(cls, wanted):
+        return cls
+    if isinstance(cls, type) and issubclass(cls, other):
+        hint = (
+            "give an AsyncSession class (SQLModel's: sqlmodel.ext.asyncio.session.AsyncSession), or "
+            "use FastAPISessionMaker for a Session class"
+            if is_async
+            else "give a Session class (SQLModel's: sqlmodel.Session), or use AsyncFastAPISessionMaker "
+            "for an AsyncSession class"
+        )
+        raise ConfigurationError(f"{maker}(session_class={cls.__name__}) is the other twin's class: {hint}")
+    raise ConfigurationError(
+        f"{maker}(session_class={cls!r}): give a subclass of {wanted.__module__}.{wanted.__name__}"
+    )
 
 
 def sync_of(session: Any) -> Session:

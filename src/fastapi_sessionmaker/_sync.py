@@ -81,6 +81,10 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
         session_options (Mapping[str, Any] | None): Extra ``sessionmaker`` keyword arguments
             (they win over our ``expire_on_commit=False`` and ``autoflush=False``, as in
             fastapi-utils).
+        session_class (type[Session] | None): The ``Session`` subclass of request sessions and
+            :meth:`context_session`, e.g. ``sqlmodel.Session`` (then ``session.exec()`` works
+            under every policy). The async twin takes an ``AsyncSession`` subclass, e.g.
+            SQLModel's ``sqlmodel.ext.asyncio.session.AsyncSession``.
         sqlite_foreign_keys (bool): On SQLite, run ``PRAGMA foreign_keys=ON`` on every
             connection (the default), so ``FOREIGN KEY`` and ``ON DELETE CASCADE`` are enforced;
             ``False`` keeps SQLite's own default (not enforced). Other databases always enforce

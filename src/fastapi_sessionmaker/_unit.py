@@ -236,7 +236,8 @@ class AsyncLifecycle:
     def open(self, policy: CommitPolicy) -> AsyncSession:
         """A new request session: the configured classes, composed with the request rules."""
         factory = self.maker.cached_sessionmaker
-        base = factory.kw.get("sync_session_class") or Session
+        # The configured class's own sync class (SQLModel's AsyncSession: ``sqlmodel.Session``).
+        base: type[Session] = factory.kw.get("sync_session_class") or factory.class_.sync_session_class
         read_only = policy is CommitPolicy.READ_ONLY
         mixins = (self.maker.replicas.mixin,) if read_only and self.maker.replicas is not None else ()
         sync_class = compose(base, read_only, mixins=mixins)

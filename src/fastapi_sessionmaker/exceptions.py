@@ -10,6 +10,7 @@ the HTTP edge as they were raised. What this package adds is for configuration a
     ├── MigrationError                               the schema is behind the migrations' head at
     │                                                start-up (``Migrations(mode="check")``), or the
     │                                                migration lock was not free in time
+    ├── NotFoundError (also fastapi's HTTPException) ``get_or_404`` / ``one_or_404`` found no row: a 404
     ├── NotInstalledError (also a RuntimeError)      a request dependency used without ``init_app(app)``
     ├── ReadOnlySessionError (also a RuntimeError)   a flush of ORM changes in a read-only session
     ├── ResponseStartedError (also a RuntimeError)   a write through a request session after its
@@ -21,12 +22,15 @@ the HTTP edge as they were raised. What this package adds is for configuration a
 
 from __future__ import annotations
 
+from fastapi import HTTPException
+
 __all__ = [
     "ConcurrentSessionUseError",
     "ConfigurationError",
     "DatabaseUnavailableError",
     "FastAPISessionMakerError",
     "MigrationError",
+    "NotFoundError",
     "NotInstalledError",
     "ReadOnlySessionError",
     "ResponseStartedError",
@@ -77,6 +81,21 @@ class MigrationError(FastAPISessionMakerError):
     database's current revision and the head: run ``alembic upgrade head``), or another process
     held the migration lock for longer than ``lock_timeout`` seconds.
     """
+
+class NotFoundError(FastAPISessionMakerError, HTTPException):
+    """No row for :func:`~fastapi_sessionmaker.get_or_404` / :func:`~fastapi_sessionmaker.one_or_404`.
+
+    A ``fastapi.HTTPException`` with status 404 and the message as its ``detail``: every FastAPI
+    app answers it with a 404; after ``init_app`` the answer is problem JSON
+    (``{"type": "about:blank", "title": "Not Found", "status": 404, "detail": ...}``).
+
+    Example:
+        >>> NotFoundError("Hero 7 was not found.").status_code
+        404
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(status_code=404, detail=detail)
 
 
 class NotInstalledError(FastAPISessionMakerError, RuntimeError):
