@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL
 
 from fastapi_sessionmaker._engines import engine_kwargs
 from fastapi_sessionmaker._guard import chain_lifespan, registry_for
+from fastapi_sessionmaker._pgbouncer import PgBouncerMode, check_pgbouncer
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import ErrorMapper, current_state, dependency_for
 from fastapi_sessionmaker._settings import DatabaseSettings
@@ -88,6 +89,7 @@ class MakerBase(Generic[EngineT, FactoryT]):
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
         sqlite_foreign_keys: bool = True,
+        pgbouncer: PgBouncerMode | None = None,
     ) -> None:
         if database_uri is None and settings is None:
             settings = DatabaseSettings()
@@ -98,6 +100,7 @@ class MakerBase(Generic[EngineT, FactoryT]):
                 database_uri = settings.url()
                 variable = "DATABASE_URI" if settings.uri is not None else "DATABASE_SCHEME"
             options.update(settings.engine_options())
+            pgbouncer = pgbouncer or settings.pgbouncer
         if database_uri is None:  # pragma: no cover - settings always give a URL
             raise ConfigurationError("DATABASE_URI is not set")
         options.update(engine_options or {})
@@ -107,6 +110,9 @@ class MakerBase(Generic[EngineT, FactoryT]):
         self.policy = CommitPolicy(policy)
         self.engine_options: dict[str, Any] = options
         self.sqlite_foreign_keys = sqlite_foreign_keys
+        self.pgbouncer: PgBouncerMode | None = check_pgbouncer(pgbouncer, self.url, variable=variable)
+        """``"transaction"``: the engine's drivers are set up for PgBouncer in transaction mode."""
+        self._engine_kwargs()  # an engine option the preset cannot take fails here, not at first use
         """Whether the maker's SQLite connections enforce foreign keys (``PRAGMA foreign_keys=ON``)."""
         # fastapi-utils' and the FastAPI tutorial's SessionLocal: no autoflush, no expiry on commit.
         self.session_options: dict[str, Any] = {"expire_on_commit": False, "autoflush": False}
@@ -166,7 +172,13 @@ class MakerBase(Generic[EngineT, FactoryT]):
         return f"{type(self).__name__}({self.safe_url()!r}, name={self.name!r})"
 
     def _engine_kwargs(self) -> dict[str, Any]:
-        return engine_kwargs(self.url, self.engine_options, is_async=self.is_async)
+        return engine_kwargs(
+            self.url,
+            self.engine_options,
+            is_async=self.is_async,
+            pgbouncer=self.pgbouncer,
+            variable=self._variable,
+        )
 
     # -- the cached engine and sessionmaker (fastapi-utils names) ---------------------------
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,9 +39,11 @@ class DatabaseSettings(BaseSettings):
     Give either ``DATABASE_URI`` or its parts (``DATABASE_SCHEME``, ``DATABASE_USER``,
     ``DATABASE_PASSWORD``, ``DATABASE_HOST``, ``DATABASE_PORT``, ``DATABASE_NAME``); pool options are
     ``DATABASE_POOL_SIZE``, ``DATABASE_MAX_OVERFLOW``, ``DATABASE_POOL_TIMEOUT``,
-    ``DATABASE_POOL_RECYCLE`` and ``DATABASE_ECHO``. The password is a secret: it never appears in
-    ``repr``, logs or errors. A missing or malformed value raises :class:`ConfigurationError`
-    naming the variable. ``DATABASE_URI`` may carry its own password; it is masked the same way.
+    ``DATABASE_POOL_RECYCLE`` and ``DATABASE_ECHO``; ``DATABASE_PGBOUNCER=transaction`` sets the
+    drivers up for PgBouncer in transaction mode (no prepared statements). The password is a
+    secret: it never appears in ``repr``, logs or errors. A missing or malformed value raises
+    :class:`ConfigurationError` naming the variable. ``DATABASE_URI`` may carry its own password;
+    it is masked the same way.
 
     Example:
         >>> settings = DatabaseSettings(uri="postgresql://app:s3cret@db:5432/shop", pool_size=10)
@@ -66,6 +68,7 @@ class DatabaseSettings(BaseSettings):
     pool_timeout: float | None = None
     pool_recycle: int | None = None
     echo: bool = False
+    pgbouncer: Literal["transaction"] | None = None
 
     def __init__(self, **values: Any) -> None:
         try:
