@@ -5,6 +5,8 @@ load breaks), requests, the health route and the liveness check, and docs/scalin
 
 import asyncio
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -385,3 +387,21 @@ def test_the_scaling_page_example_serves_requests_through_pgbouncer(
     assert client.get("/orders/count").json() == {"count": 3}
     assert client.get("/healthz").json()["status"] == "ok"
     assert isinstance(db.cached_engine.pool, sa.QueuePool)  # the normal pool, not NullPool
+
+
+def test_the_benchmark_smoke_mode_passes_its_correctness_check(bouncer_url: str) -> None:
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "pgbouncer.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=root,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "correctness check: PASSED" in result.stdout, result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| sync |", "| async |"))]
+    assert [row.split("|")[2].strip() for row in rows] == ["psycopg", "asyncpg"], result.stdout
+    for row in rows:
+        assert float(row.split("|")[5]) > 0, row

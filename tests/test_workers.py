@@ -9,6 +9,7 @@ used before the fork is not shared with the children; shutdown leaves no connect
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -179,3 +180,71 @@ def check_twin(
         assert named.get(master_backend) == f"{tag}-{main_pid}", (twin, named)  # ...nor closed it
     else:  # spawned: each worker imported the app itself
         assert import_pids == workers, twin
+
+
+# -- docs/scaling.md, "Several worker processes" -------------------------------------------------
+PAGE = ROOT / "docs" / "scaling.md"
+FORK_CHECK = """
+import os, sys
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+sys.path.insert(0, sys.argv[1])
+import shop  # the page's example: create_all at import
+
+BACKEND = sa.text("SELECT pg_backend_pid()")
+engine = shop.db.cached_engine
+inherited = engine.pool
+assert inherited.checkedin() == 1, inherited.status()  # the connection create_all used
+with engine.connect() as connection:
+    parent_backend = connection.execute(BACKEND).scalar_one()
+child = os.fork()
+if child == 0:  # a worker forked after the import, as gunicorn --preload does
+    code = 0
+    try:
+        assert engine.pool is not inherited and engine.pool.checkedin() == 0, engine.pool.status()
+        with TestClient(shop.app) as client:
+            assert client.post("/hits").status_code == 201
+            with shop.db.context_session() as session:
+                child_backend = session.execute(BACKEND).scalar_one()
+        assert child_backend != parent_backend, (child_backend, parent_backend)
+    except BaseException as exc:
+        print(f"child: {exc!r}", flush=True)
+        code = 1
+    os._exit(code)
+_, status = os.waitpid(child, 0)
+assert os.waitstatus_to_exitcode(status) == 0, "the forked child failed"
+with engine.connect() as connection:  # the parent's connection survived the child
+    assert connection.execute(BACKEND).scalar_one() == parent_backend
+with TestClient(shop.app) as client:
+    assert client.post("/hits").status_code == 201
+print("fork check: PASSED")
+"""
+
+
+def test_the_scaling_page_example_gets_a_fresh_pool_in_a_forked_worker(
+    tmp_path: Path, databases: Databases
+) -> None:
+    blocks = re.findall(
+        r"<!-- test: tests/test_workers.py -->\n```python\n(.*?)```", PAGE.read_text(), flags=re.DOTALL
+    )
+    assert len(blocks) == 1
+    (tmp_path / "shop.py").write_text(blocks[0])
+    env = {**os.environ, "DATABASE_URI": databases.url("postgresql")}
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_CHECK, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "fork check: PASSED" in result.stdout
+    direct = FastAPISessionMaker(databases.url("postgresql")).get_new_engine()
+    try:
+        with direct.connect() as connection:
+            stored = connection.execute(sa.text("SELECT count(*) FROM docs_hits")).scalar_one()
+    finally:
+        direct.dispose()
+    assert stored == 2  # the child's request and the parent's
