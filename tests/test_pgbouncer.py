@@ -359,6 +359,22 @@ def test_the_liveness_check_replaces_connections_pgbouncer_dropped(twin: str, bo
         loop.close()
 
 
+def test_startup_parameters_through_pgbouncer_those_it_takes_and_those_it_rejects(bouncer_url: str) -> None:
+    async def show(server_settings: dict[str, str], preset: str | None) -> str:
+        options = {"connect_args": {"server_settings": server_settings}}
+        maker = AsyncFastAPISessionMaker(bouncer_url, pgbouncer=preset, engine_options=options)
+        try:
+            async with maker.context_session() as session:
+                return str((await session.execute(sa.text("SHOW application_name"))).scalar_one())
+        finally:
+            await maker.dispose()
+
+    assert asyncio.run(show({"application_name": "fsm-api", "TimeZone": "UTC"}, "transaction")) == "fsm-api"
+    # What the preset refuses at start-up, PgBouncer refuses at every connect:
+    with pytest.raises(sa.exc.DBAPIError, match="unsupported startup parameter: jit"):
+        asyncio.run(show({"jit": "off"}, None))
+
+
 # -- docs/scaling.md, "PgBouncer in transaction mode" ------------------------------------------
 def pgbouncer_blocks() -> list[str]:
     text = PAGE.read_text()

@@ -108,6 +108,8 @@ def post_until_every_worker_answered(base_url: str, path: str, deadline: float) 
 def test_each_worker_has_its_own_pool_and_shutdown_leaves_none(
     server: str, direct: sa.Engine, databases: Databases
 ) -> None:
+    with direct.begin() as connection:
+        connection.execute(sa.text("DELETE FROM worker_hits"))
     port = free_port()
     tag = f"fsmw{os.getpid()}{server[0]}"
     env = {
