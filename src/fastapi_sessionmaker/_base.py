@@ -110,10 +110,10 @@ class MakerBase(Generic[EngineT, FactoryT]):
         self.policy = CommitPolicy(policy)
         self.engine_options: dict[str, Any] = options
         self.sqlite_foreign_keys = sqlite_foreign_keys
+        """Whether the maker's SQLite connections enforce foreign keys (``PRAGMA foreign_keys=ON``)."""
         self.pgbouncer: PgBouncerMode | None = check_pgbouncer(pgbouncer, self.url, variable=variable)
         """``"transaction"``: the engine's drivers are set up for PgBouncer in transaction mode."""
         self._engine_kwargs()  # an engine option the preset cannot take fails here, not at first use
-        """Whether the maker's SQLite connections enforce foreign keys (``PRAGMA foreign_keys=ON``)."""
         # fastapi-utils' and the FastAPI tutorial's SessionLocal: no autoflush, no expiry on commit.
         self.session_options: dict[str, Any] = {"expire_on_commit": False, "autoflush": False}
         self.session_options.update(session_options or {})
