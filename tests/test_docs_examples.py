@@ -219,7 +219,7 @@ def test_the_runner_reads_markers_and_indented_blocks(tmp_path: Path) -> None:
 
 
 def test_the_reference_names_every_public_name() -> None:
-    """One ``::: name`` per root export; the exceptions and the testing toolkit as their modules."""
+    """One ``::: name`` per root export; the exceptions, the testing toolkit and Alembic as modules."""
     import fastapi_sessionmaker
     from fastapi_sessionmaker import exceptions
 
@@ -227,7 +227,7 @@ def test_the_reference_names_every_public_name() -> None:
     assert len(directives) == len(set(directives)), "a name is documented twice"
     expected = {f"fastapi_sessionmaker.{name}" for name in fastapi_sessionmaker.__all__}
     expected -= {f"fastapi_sessionmaker.{name}" for name in exceptions.__all__}
-    expected |= {"fastapi_sessionmaker.exceptions", "fastapi_sessionmaker.testing"}
+    expected |= {"fastapi_sessionmaker.exceptions", "fastapi_sessionmaker.testing", "fastapi_sessionmaker.alembic"}
     assert set(directives) == expected
 
 

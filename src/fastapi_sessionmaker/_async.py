@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import (
 
 from fastapi_sessionmaker._base import MakerBase
 from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys
+from fastapi_sessionmaker._fork import fork_safe
 from fastapi_sessionmaker._liveness import install_liveness_check
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
@@ -80,6 +81,7 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
         install_liveness_check(engine.sync_engine, kwargs)
         if self.sqlite_foreign_keys:
             enforce_sqlite_foreign_keys(engine.sync_engine)
+        fork_safe(engine.sync_engine)
         return engine
 
     def get_new_sessionmaker(self, engine: AsyncEngine | None) -> async_sessionmaker[AsyncSession]:

@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL
 
 from fastapi_sessionmaker._engines import engine_kwargs
 from fastapi_sessionmaker._guard import chain_lifespan, registry_for
+from fastapi_sessionmaker._pgbouncer import PgBouncerMode, check_pgbouncer
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._replicas import (
     DEFAULT_CHECK_INTERVAL,
@@ -101,6 +102,7 @@ class MakerBase(Generic[EngineT, FactoryT]):
         replica_uris: Sequence[str | URL] | None = None,
         replica_max_lag: int | None = DEFAULT_MAX_LAG,
         replica_check_interval: float = DEFAULT_CHECK_INTERVAL,
+        pgbouncer: PgBouncerMode | None = None,
     ) -> None:
         if database_uri is None and settings is None:
             settings = DatabaseSettings()
@@ -111,6 +113,7 @@ class MakerBase(Generic[EngineT, FactoryT]):
                 database_uri = settings.url()
                 variable = "DATABASE_URI" if settings.uri is not None else "DATABASE_SCHEME"
             options.update(settings.engine_options())
+            pgbouncer = pgbouncer or settings.pgbouncer
         if database_uri is None:  # pragma: no cover - settings always give a URL
             raise ConfigurationError("DATABASE_URI is not set")
         options.update(engine_options or {})
@@ -121,6 +124,9 @@ class MakerBase(Generic[EngineT, FactoryT]):
         self.engine_options: dict[str, Any] = options
         self.sqlite_foreign_keys = sqlite_foreign_keys
         """Whether the maker's SQLite connections enforce foreign keys (``PRAGMA foreign_keys=ON``)."""
+        self.pgbouncer: PgBouncerMode | None = check_pgbouncer(pgbouncer, self.url, variable=variable)
+        """``"transaction"``: the engine's drivers are set up for PgBouncer in transaction mode."""
+        self._engine_kwargs()  # an engine option the preset cannot take fails here, not at first use
         # fastapi-utils' and the FastAPI tutorial's SessionLocal: no autoflush, no expiry on commit.
         self.session_options: dict[str, Any] = {"expire_on_commit": False, "autoflush": False}
         self.session_options.update(session_options or {})
@@ -220,7 +226,13 @@ class MakerBase(Generic[EngineT, FactoryT]):
         return f"{type(self).__name__}({self.safe_url()!r}, name={self.name!r})"
 
     def _engine_kwargs(self, url: URL | None = None) -> dict[str, Any]:
-        return engine_kwargs(url or self.url, self.engine_options, is_async=self.is_async)
+        return engine_kwargs(
+            url or self.url,
+            self.engine_options,
+            is_async=self.is_async,
+            pgbouncer=self.pgbouncer,
+            variable=self._variable,
+        )
 
     # -- the cached engine and sessionmaker (fastapi-utils names) ---------------------------
     @property

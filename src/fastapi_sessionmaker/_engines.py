@@ -11,12 +11,21 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import StaticPool
 
 from fastapi_sessionmaker import _compat
+from fastapi_sessionmaker._pgbouncer import pgbouncer_options
 
 __all__ = ["enforce_sqlite_foreign_keys", "engine_kwargs", "pool_capacity"]
 
 
-def engine_kwargs(url: URL, options: Mapping[str, Any], *, is_async: bool) -> dict[str, Any]:
-    """Our defaults under the caller's options: SQLite in memory on one connection.
+def engine_kwargs(
+    url: URL,
+    options: Mapping[str, Any],
+    *,
+    is_async: bool,
+    pgbouncer: str | None = None,
+    variable: str = "database_uri",
+) -> dict[str, Any]:
+    """Our defaults under the caller's options: SQLite in memory on one connection; with
+    ``pgbouncer="transaction"`` the driver options of :func:`pgbouncer_options`.
 
     ``pool_pre_ping`` is not set: unless the caller sets it, :func:`install_liveness_check` gives
     the same protection for a fraction of the cost (``pool_pre_ping=True`` asks for SQLAlchemy's
@@ -32,7 +41,7 @@ def engine_kwargs(url: URL, options: Mapping[str, Any], *, is_async: bool) -> di
     kwargs.update(options)
     if kwargs.get("echo"):
         kwargs.setdefault("hide_parameters", True)  # SQL echo never prints bound values by default
-    return kwargs
+    return pgbouncer_options(url, kwargs, pgbouncer, variable=variable)
 
 
 def enforce_sqlite_foreign_keys(engine: sa.Engine) -> None:

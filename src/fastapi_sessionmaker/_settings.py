@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,8 +39,9 @@ class DatabaseSettings(BaseSettings):
     Give either ``DATABASE_URI`` or its parts (``DATABASE_SCHEME``, ``DATABASE_USER``,
     ``DATABASE_PASSWORD``, ``DATABASE_HOST``, ``DATABASE_PORT``, ``DATABASE_NAME``); pool options are
     ``DATABASE_POOL_SIZE``, ``DATABASE_MAX_OVERFLOW``, ``DATABASE_POOL_TIMEOUT``,
-    ``DATABASE_POOL_RECYCLE`` and ``DATABASE_ECHO``. Read replicas: ``DATABASE_REPLICA_URIS``
-    (comma-separated URLs), ``DATABASE_REPLICA_MAX_LAG`` (bytes) and
+    ``DATABASE_POOL_RECYCLE`` and ``DATABASE_ECHO``; ``DATABASE_PGBOUNCER=transaction`` sets the
+    drivers up for PgBouncer in transaction mode (no prepared statements). Read replicas:
+    ``DATABASE_REPLICA_URIS`` (comma-separated URLs), ``DATABASE_REPLICA_MAX_LAG`` (bytes) and
     ``DATABASE_REPLICA_CHECK_INTERVAL`` (seconds). The password is a secret: it never appears in
     ``repr``, logs or errors. A missing or malformed value raises :class:`ConfigurationError`
     naming the variable. ``DATABASE_URI`` may carry its own password; it is masked the same way.
@@ -68,6 +69,7 @@ class DatabaseSettings(BaseSettings):
     pool_timeout: float | None = None
     pool_recycle: int | None = None
     echo: bool = False
+    pgbouncer: Literal["transaction"] | None = None
 
     replica_uris: SecretStr | None = None
     """Read replicas, comma-separated URLs (``DATABASE_REPLICA_URIS``); see ``replica_urls()``."""

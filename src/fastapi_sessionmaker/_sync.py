@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fastapi_sessionmaker._base import MakerBase
 from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys
+from fastapi_sessionmaker._fork import fork_safe
 from fastapi_sessionmaker._liveness import install_liveness_check
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
@@ -44,7 +45,7 @@ def create_checked_engine(
     install_liveness_check(engine, kwargs)
     if sqlite_foreign_keys:
         enforce_sqlite_foreign_keys(engine)
-    return engine
+    return fork_safe(engine)
 
 
 def unavailable(maker: MakerBase[Any, Any], exc: BaseException) -> DatabaseUnavailableError:
@@ -89,6 +90,9 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
             connection (the default), so ``FOREIGN KEY`` and ``ON DELETE CASCADE`` are enforced;
             ``False`` keeps SQLite's own default (not enforced). Other databases always enforce
             them.
+        pgbouncer (str | None): ``"transaction"`` when the URL points at PgBouncer in
+            transaction mode: the driver never keeps prepared statements (see the Scaling out
+            page); default: the settings' ``DATABASE_PGBOUNCER``, else none.
 
     Example:
         >>> from typing import Annotated
