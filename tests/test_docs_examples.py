@@ -227,7 +227,11 @@ def test_the_reference_names_every_public_name() -> None:
     assert len(directives) == len(set(directives)), "a name is documented twice"
     expected = {f"fastapi_sessionmaker.{name}" for name in fastapi_sessionmaker.__all__}
     expected -= {f"fastapi_sessionmaker.{name}" for name in exceptions.__all__}
-    expected |= {"fastapi_sessionmaker.exceptions", "fastapi_sessionmaker.testing", "fastapi_sessionmaker.alembic"}
+    expected |= {
+        "fastapi_sessionmaker.exceptions",
+        "fastapi_sessionmaker.testing",
+        "fastapi_sessionmaker.alembic",
+    }
     assert set(directives) == expected
 
 

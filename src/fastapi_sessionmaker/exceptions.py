@@ -82,6 +82,7 @@ class MigrationError(FastAPISessionMakerError):
     held the migration lock for longer than ``lock_timeout`` seconds.
     """
 
+
 class NotFoundError(FastAPISessionMakerError, HTTPException):
     """No row for :func:`~fastapi_sessionmaker.get_or_404` / :func:`~fastapi_sessionmaker.one_or_404`.
 
