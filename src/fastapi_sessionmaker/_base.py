@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL
 
 from fastapi_sessionmaker._engines import engine_kwargs
 from fastapi_sessionmaker._guard import chain_lifespan, registry_for
+from fastapi_sessionmaker._multidb import check_two_phase
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import ErrorMapper, current_state, dependency_for
 from fastapi_sessionmaker._settings import DatabaseSettings
@@ -88,15 +89,16 @@ class MakerBase(Generic[EngineT, FactoryT]):
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
         sqlite_foreign_keys: bool = True,
+        two_phase: bool | None = None,
     ) -> None:
         if database_uri is None and settings is None:
-            settings = DatabaseSettings()
+            settings = DatabaseSettings.named(name)  # DATABASE_* or DATABASE_<NAME>_*
         options: dict[str, Any] = {}
         variable = "database_uri"  # errors name where the URL came from
         if settings is not None:
             if database_uri is None:
                 database_uri = settings.url()
-                variable = "DATABASE_URI" if settings.uri is not None else "DATABASE_SCHEME"
+                variable = settings.variable("uri" if settings.uri is not None else "scheme")
             options.update(settings.engine_options())
         if database_uri is None:  # pragma: no cover - settings always give a URL
             raise ConfigurationError("DATABASE_URI is not set")
@@ -108,8 +110,16 @@ class MakerBase(Generic[EngineT, FactoryT]):
         self.engine_options: dict[str, Any] = options
         self.sqlite_foreign_keys = sqlite_foreign_keys
         """Whether the maker's SQLite connections enforce foreign keys (``PRAGMA foreign_keys=ON``)."""
+        if two_phase is None:
+            two_phase = settings.two_phase if settings is not None else False
+        if two_phase:
+            check_two_phase(self.url, variable=f"two_phase=True for database {name!r}")
+        self.two_phase = two_phase
+        """Whether a request writing to this and other databases prepares first (two-phase commit)."""
         # fastapi-utils' and the FastAPI tutorial's SessionLocal: no autoflush, no expiry on commit.
         self.session_options: dict[str, Any] = {"expire_on_commit": False, "autoflush": False}
+        if two_phase:
+            self.session_options["twophase"] = True
         self.session_options.update(session_options or {})
         self._engine: EngineT | None = None
         self._sessionmaker: FactoryT | None = None

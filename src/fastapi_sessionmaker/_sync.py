@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from fastapi_sessionmaker._base import MakerBase
 from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys
 from fastapi_sessionmaker._liveness import install_liveness_check
+from fastapi_sessionmaker._multidb import in_doubt, resolve_in_doubt
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._retry import run_sync
@@ -68,9 +69,11 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
     ``FastAPISessionMaker`` all work.
 
     Args:
-        database_uri: A SQLAlchemy URL; ``None`` reads :class:`DatabaseSettings` from the env.
+        database_uri: A SQLAlchemy URL; ``None`` reads :class:`DatabaseSettings` from the env
+            (``DATABASE_*``, or ``DATABASE_<NAME>_*`` for a maker with a ``name``).
         settings: Settings to take the URL and pool options from.
-        name: The database's name in logs, health checks and ``init_app`` (several databases).
+        name: The database's name in logs, health checks and ``init_app`` (several databases),
+            and which variables it reads: ``name="reports"`` reads ``DATABASE_REPORTS_URI``...
         policy: When request sessions commit (:class:`CommitPolicy`).
         engine_options: Extra ``create_engine`` keyword arguments (they win over ours).
         session_options: Extra ``sessionmaker`` keyword arguments (they win over our
@@ -78,6 +81,9 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
         sqlite_foreign_keys: On SQLite, run ``PRAGMA foreign_keys=ON`` on every connection
             (the default), so ``FOREIGN KEY`` and ``ON DELETE CASCADE`` are enforced; ``False``
             keeps SQLite's own default (not enforced). Other databases always enforce them.
+        two_phase: Two-phase commit: when a request writes to this and other databases, this
+            one's transaction is prepared before any commits (PostgreSQL prepared transactions,
+            MySQL/MariaDB XA; SQLite has none). Default: ``DATABASE_TWO_PHASE`` (off).
 
     Example:
         >>> from typing import Annotated
@@ -212,6 +218,27 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
         engine = self._forget()
         if engine is not None:
             engine.dispose()
+
+    def in_doubt(self) -> list[str]:
+        """The ids of the prepared (two-phase) transactions waiting on this database's server.
+
+        A two-phase commit whose last step failed (logged at ERROR with the id) leaves its
+        transaction prepared, holding its locks, until :meth:`resolve_in_doubt` finishes it.
+        PostgreSQL lists those of every database on the server, MySQL/MariaDB every XA one.
+        """
+        with self.cached_engine.connect() as connection:
+            return in_doubt(connection)
+
+    def resolve_in_doubt(self, xid: str, *, commit: bool = True) -> None:
+        """Commit (or with ``commit=False`` roll back) the prepared transaction ``xid``.
+
+        Example:
+            >>> db = FastAPISessionMaker("postgresql://app@db/shop", two_phase=True)  # doctest: +SKIP
+            >>> for xid in db.in_doubt():  # doctest: +SKIP
+            ...     db.resolve_in_doubt(xid)  # the log line says commit=True or commit=False
+        """
+        with self.cached_engine.connect() as connection:
+            resolve_in_doubt(connection, xid, commit)
 
     def check_connection(self) -> None:
         """Run ``SELECT 1``; raise :class:`DatabaseUnavailableError` with a one-line reason."""
