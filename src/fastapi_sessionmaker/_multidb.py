@@ -93,6 +93,13 @@ def _xid(session: Any) -> str:
 
 def _prepare_sync(session: Any) -> str:
     xid = _xid(session)
+    session.flush()
+    if session.get_bind().dialect.name == "postgresql":
+        # Deferred constraints (and constraint triggers) are checked here, by a plain statement,
+        # rather than by PREPARE TRANSACTION: the database's own error, and a transaction that
+        # still rolls back the usual way (psycopg marks the transaction prepared before its
+        # PREPARE succeeds, so a failed one leaves its connection refusing rollback()).
+        session.execute(sa.text("SET CONSTRAINTS ALL IMMEDIATE"))
     session.prepare()
     return xid
 
@@ -227,7 +234,11 @@ class PartialCommit:
 
 # -- in-doubt transactions ----------------------------------------------------------------------
 def in_doubt(connection: sa.Connection) -> list[str]:
-    """The ids of the prepared (two-phase) transactions waiting on ``connection``'s server."""
+    """The ids of the prepared (two-phase) transactions waiting on ``connection``'s database:
+    PostgreSQL's of this database (only there can they be finished), MySQL/MariaDB's XA ones."""
+    if connection.dialect.name == "postgresql":
+        query = sa.text("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
+        return [str(gid) for gid in connection.execute(query).scalars()]
     return [x.decode() if isinstance(x, bytes) else str(x) for x in connection.recover_twophase()]
 
 
