@@ -588,3 +588,59 @@ def test_a_one_phase_database_beside_two_phase_ones_commits_before_them(
     assert order == ["main prepared", "reports committed", "main committed"]
     assert ids(main) == [1]
     assert ids(other) == [2]
+
+
+# -- docs/scaling.md -------------------------------------------------------------------------------
+PAGE = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text()
+
+
+def docs_block() -> str:
+    """The page's two-phase example: the python block after ``<!-- test: tests/test_multidb.py -->``."""
+    (block,) = re.findall(r"<!-- test: tests/test_multidb.py -->\n```python\n(.*?)```", PAGE, flags=re.DOTALL)
+    return block
+
+
+@pytest.mark.parametrize("stock_backend", ["mariadb", "postgresql"])
+def test_the_two_phase_example_of_the_docs(
+    env: pytest.MonkeyPatch, databases: Databases, reports: SecondDatabases, stock_backend: str
+) -> None:
+    """Run as the page says: makers from DATABASE_ORDERS_URI / DATABASE_STOCK_URI; a purchase is
+    stored in both databases, and one whose second prepare loses its connection in neither."""
+    orders_url = databases.url("postgresql")
+    stock_url = reports.url(stock_backend, databases)
+    env.setenv("DATABASE_ORDERS_URI", orders_url)
+    env.setenv("DATABASE_STOCK_URI", stock_url)
+    for url, ddl in (
+        (orders_url, ["DROP TABLE IF EXISTS purchases", "CREATE TABLE purchases (item INTEGER)"]),
+        (stock_url, ["DROP TABLE IF EXISTS stock", "CREATE TABLE stock (item INTEGER, count INTEGER)"]),
+    ):
+        engine = sa.create_engine(FastAPISessionMaker(url).url, poolclass=sa.NullPool)
+        with engine.begin() as connection:
+            for statement in [*ddl, *(["INSERT INTO stock VALUES (7, 10)"] if "stock (" in ddl[1] else [])]:
+                connection.execute(sa.text(statement))
+        engine.dispose()
+    namespace: dict[str, Any] = {"__name__": "docs_scaling"}
+    exec(docs_block(), namespace)
+    orders, stock = namespace["orders"], namespace["stock"]
+
+    def stored() -> tuple[int, int]:
+        with orders.context_session() as a, stock.context_session() as b:
+            bought = a.execute(sa.text("SELECT count(*) FROM purchases")).scalar_one()
+            left = b.execute(sa.text("SELECT count FROM stock WHERE item = 7")).scalar_one()
+            return int(bought), int(left)
+
+    try:
+        assert orders.two_phase
+        assert stock.two_phase
+        with TestClient(namespace["app"], raise_server_exceptions=False) as client:
+            assert client.post("/buy/7").status_code == 200
+            assert stored() == (1, 9)
+            killed: list[str] = []
+            kill_before(stock, "prepare_twophase", killed)
+            assert client.post("/buy/7").status_code == 503
+            assert killed
+            assert stored() == (1, 9)  # neither database kept the second purchase
+        assert not set(killed) & set(stock.in_doubt() + orders.in_doubt())
+    finally:
+        orders.dispose()
+        stock.dispose()
