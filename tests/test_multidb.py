@@ -61,6 +61,14 @@ class SecondDatabases:
             admin = sa.create_engine(SERVERS[backend], isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
             try:
                 with admin.connect() as connection:
+                    if backend == "postgresql":
+                        connection.execute(
+                            sa.text(
+                                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = :name AND pid <> pg_backend_pid()"
+                            ),
+                            {"name": REPORTS},
+                        )
                     connection.execute(sa.text(f"DROP DATABASE IF EXISTS {REPORTS}"))
             except sa.exc.DBAPIError:  # pragma: no cover - best effort at exit
                 pass
@@ -597,7 +605,7 @@ PAGE = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_tex
 def docs_block() -> str:
     """The page's two-phase example: the python block after ``<!-- test: tests/test_multidb.py -->``."""
     (block,) = re.findall(r"<!-- test: tests/test_multidb.py -->\n```python\n(.*?)```", PAGE, flags=re.DOTALL)
-    return block
+    return str(block)
 
 
 @pytest.mark.parametrize("stock_backend", ["mariadb", "postgresql"])
