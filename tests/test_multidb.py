@@ -4,9 +4,11 @@ transactions, MariaDB XA), both twins. The second database of a pair is ``fsm_<p
 beside the per-process one (a second file for SQLite)."""
 
 import asyncio
+import gc
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -579,6 +581,14 @@ def test_a_commit_lost_after_every_prepare_is_in_doubt_and_resolvable(
     assert xid in waiting
     assert ids(other) == [2]
     assert xid not in prepared_on(other)
+    if twin == "async":
+        # asyncpg leaves the transport of the connection the server killed during COMMIT
+        # PREPARED for the garbage collector (SQLAlchemy invalidated it; the pool holds nothing):
+        # collect it here rather than as a ResourceWarning in whichever test runs next.
+        dispose(other)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
 
 
 @pytest.mark.parametrize("pair", [ALL_PAIRS[1]], indirect=True)
