@@ -87,8 +87,8 @@ class Databases:
             else "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 'fsm\\_%'"
         )
         for (name,) in connection.execute(sa.text(query)):
-            suffix = name.removeprefix("fsm_")
-            if suffix.isdigit() and not _pid_alive(int(suffix)):
+            pid = name.removeprefix("fsm_").split("_")[0]  # fsm_<pid>, fsm_<pid>_reports, ...
+            if pid.isdigit() and not _pid_alive(int(pid)):
                 with contextlib.suppress(sa.exc.DBAPIError):
                     connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
 

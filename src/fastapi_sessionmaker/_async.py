@@ -18,6 +18,7 @@ from fastapi_sessionmaker._base import MakerBase
 from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys
 from fastapi_sessionmaker._fork import fork_safe
 from fastapi_sessionmaker._liveness import install_liveness_check
+from fastapi_sessionmaker._multidb import in_doubt, resolve_in_doubt
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._retry import run_async
@@ -208,6 +209,17 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
         engine = self._forget()
         if engine is not None:
             await engine.dispose()
+
+    async def in_doubt(self) -> list[str]:
+        """The ids of the prepared (two-phase) transactions waiting on this database's server
+        (the twin of ``FastAPISessionMaker.in_doubt``)."""
+        async with self.cached_engine.connect() as connection:
+            return await connection.run_sync(in_doubt)
+
+    async def resolve_in_doubt(self, xid: str, *, commit: bool = True) -> None:
+        """Commit (or with ``commit=False`` roll back) the prepared transaction ``xid``."""
+        async with self.cached_engine.connect() as connection:
+            await connection.run_sync(resolve_in_doubt, xid, commit)
 
     async def check_connection(self) -> None:
         """Run ``SELECT 1``; raise :class:`DatabaseUnavailableError` with a one-line reason."""

@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL
 
 from fastapi_sessionmaker._engines import engine_kwargs
 from fastapi_sessionmaker._guard import chain_lifespan, registry_for
+from fastapi_sessionmaker._multidb import check_two_phase
 from fastapi_sessionmaker._pgbouncer import PgBouncerMode, check_pgbouncer
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._replicas import (
@@ -103,15 +104,16 @@ class MakerBase(Generic[EngineT, FactoryT]):
         replica_max_lag: int | None = DEFAULT_MAX_LAG,
         replica_check_interval: float = DEFAULT_CHECK_INTERVAL,
         pgbouncer: PgBouncerMode | None = None,
+        two_phase: bool | None = None,
     ) -> None:
         if database_uri is None and settings is None:
-            settings = DatabaseSettings()
+            settings = DatabaseSettings.named(name)  # DATABASE_* or DATABASE_<NAME>_*
         options: dict[str, Any] = {}
         variable = "database_uri"  # errors name where the URL came from
         if settings is not None:
             if database_uri is None:
                 database_uri = settings.url()
-                variable = "DATABASE_URI" if settings.uri is not None else "DATABASE_SCHEME"
+                variable = settings.variable("uri" if settings.uri is not None else "scheme")
             options.update(settings.engine_options())
             pgbouncer = pgbouncer or settings.pgbouncer
         if database_uri is None:  # pragma: no cover - settings always give a URL
@@ -127,8 +129,16 @@ class MakerBase(Generic[EngineT, FactoryT]):
         self.pgbouncer: PgBouncerMode | None = check_pgbouncer(pgbouncer, self.url, variable=variable)
         """``"transaction"``: the engine's drivers are set up for PgBouncer in transaction mode."""
         self._engine_kwargs()  # an engine option the preset cannot take fails here, not at first use
+        if two_phase is None:
+            two_phase = settings.two_phase if settings is not None else False
+        if two_phase:
+            check_two_phase(self.url, variable=f"two_phase=True for database {name!r}")
+        self.two_phase = two_phase
+        """Whether a request writing to this and other databases prepares first (two-phase commit)."""
         # fastapi-utils' and the FastAPI tutorial's SessionLocal: no autoflush, no expiry on commit.
         self.session_options: dict[str, Any] = {"expire_on_commit": False, "autoflush": False}
+        if two_phase:
+            self.session_options["twophase"] = True
         self.session_options.update(session_options or {})
         if session_class is not None:
             if "class_" in self.session_options:

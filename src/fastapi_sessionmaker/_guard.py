@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_sessionmaker._errors import Problem, is_retryable, log_mapped
+from fastapi_sessionmaker._multidb import PARTIAL
 from fastapi_sessionmaker._notfound import not_found_response
 from fastapi_sessionmaker._request import (
     ErrorMapper,
@@ -101,6 +102,7 @@ class _Exchange:
         return (
             self.replayable
             and not self.started
+            and self.state.partial is None
             and not self.state.client_gone
             and self.attempt <= self.state.retries
             and is_retryable(exc)
@@ -164,7 +166,7 @@ class _Exchange:
             self.started = True
             if failure is not None:
                 self.replaced = True
-                await _send_problem(self._send, self.guard._problem(failure, self.scope))
+                await _send_problem(self._send, self.guard._problem(failure, self.scope, state))
                 return
         await self._send(message)
         # The response is complete: give the connections back before background tasks
@@ -247,8 +249,13 @@ class SessionGuard:
         await asyncio.sleep(delay)
         return exchange.again()
 
-    def _problem(self, failure: tuple[BaseException, RequestMaker], scope: Scope) -> Problem:
+    def _problem(
+        self, failure: tuple[BaseException, RequestMaker], scope: Scope, state: RequestState
+    ) -> Problem:
         exc, maker = failure
+        if state.partial is not None:  # stored in some databases only: one line says which
+            state.partial.log(scope.get("method", ""), scope.get("path", ""))
+            return PARTIAL
         problem = self.registry.error_mapper(exc)
         if problem is None:
             logger.error(

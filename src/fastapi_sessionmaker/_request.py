@@ -28,6 +28,7 @@ from starlette.requests import HTTPConnection
 
 from fastapi_sessionmaker import _compat
 from fastapi_sessionmaker._errors import Problem, default_error_mapper
+from fastapi_sessionmaker._multidb import PartialCommit, finish_several
 from fastapi_sessionmaker._oncommit import Callback, run_async, settle
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._sessions import discarded_changes, mark_response_started
@@ -62,6 +63,7 @@ class RequestMaker(Protocol):
     name: str
     policy: CommitPolicy
     is_async: bool
+    two_phase: bool
 
     @property
     def lifecycle(self) -> Lifecycle: ...
@@ -124,6 +126,8 @@ class RequestState:
     retries = 0
     """How often the guard may re-run this request after a serialization failure or deadlock."""
     ready: list[tuple[list[Callback], str]] | None = None
+    partial: PartialCommit | None = None
+    """Set when a request of several databases was stored in some of them only (see _multidb)."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -172,8 +176,11 @@ class RequestState:
         """Commit or roll back every open session; the first failure, if any.
 
         ``client_gone`` is asked once, just before the first commit: when it answers True the
-        client has disconnected and every session rolls back instead.
+        client has disconnected and every session rolls back instead. Several sessions end in
+        their commit order, with two-phase commit where asked (:mod:`._multidb`).
         """
+        if len(self.entries) > 1:
+            return await finish_several(self, status, client_gone)
         failure: tuple[BaseException, RequestMaker] | None = None
         for entry in self.entries:
             if entry.finished:

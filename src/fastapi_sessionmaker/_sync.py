@@ -14,6 +14,7 @@ from fastapi_sessionmaker._base import MakerBase
 from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys
 from fastapi_sessionmaker._fork import fork_safe
 from fastapi_sessionmaker._liveness import install_liveness_check
+from fastapi_sessionmaker._multidb import in_doubt, resolve_in_doubt
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._retry import run_sync
@@ -69,12 +70,14 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
     ``FastAPISessionMaker`` all work.
 
     Args:
-        database_uri: A SQLAlchemy URL; ``None`` reads :class:`DatabaseSettings` from the env.
+        database_uri: A SQLAlchemy URL; ``None`` reads :class:`DatabaseSettings` from the env
+            (``DATABASE_*``, or ``DATABASE_<NAME>_*`` for a maker with a ``name``).
 
     Keyword Args:
         settings (DatabaseSettings | None): Settings to take the URL and pool options from.
         name (str): The database's name in logs, health checks and ``init_app`` (several
-            databases); default ``"default"``.
+            databases), and which variables it reads: ``name="reports"`` reads
+            ``DATABASE_REPORTS_URI``...; default ``"default"``.
         policy (CommitPolicy | str): When request sessions commit (:class:`CommitPolicy`);
             default ``"auto"``.
         engine_options (Mapping[str, Any] | None): Extra ``create_engine`` keyword arguments
@@ -93,6 +96,10 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
         pgbouncer (str | None): ``"transaction"`` when the URL points at PgBouncer in
             transaction mode: the driver never keeps prepared statements (see the Scaling out
             page); default: the settings' ``DATABASE_PGBOUNCER``, else none.
+        two_phase (bool | None): Two-phase commit: when a request writes to this and other
+            databases, this one's transaction is prepared before any commits (PostgreSQL
+            prepared transactions, MySQL/MariaDB XA; SQLite has none). Default:
+            ``DATABASE_TWO_PHASE`` (off).
 
     Example:
         >>> from typing import Annotated
@@ -231,6 +238,27 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
         engine = self._forget()
         if engine is not None:
             engine.dispose()
+
+    def in_doubt(self) -> list[str]:
+        """The ids of the prepared (two-phase) transactions waiting on this database's server.
+
+        A two-phase commit whose last step failed (logged at ERROR with the id) leaves its
+        transaction prepared, holding its locks, until :meth:`resolve_in_doubt` finishes it.
+        PostgreSQL lists those of every database on the server, MySQL/MariaDB every XA one.
+        """
+        with self.cached_engine.connect() as connection:
+            return in_doubt(connection)
+
+    def resolve_in_doubt(self, xid: str, *, commit: bool = True) -> None:
+        """Commit (or with ``commit=False`` roll back) the prepared transaction ``xid``.
+
+        Example:
+            >>> db = FastAPISessionMaker("postgresql://app@db/shop", two_phase=True)  # doctest: +SKIP
+            >>> for xid in db.in_doubt():  # doctest: +SKIP
+            ...     db.resolve_in_doubt(xid)  # the log line says commit=True or commit=False
+        """
+        with self.cached_engine.connect() as connection:
+            resolve_in_doubt(connection, xid, commit)
 
     def check_connection(self) -> None:
         """Run ``SELECT 1``; raise :class:`DatabaseUnavailableError` with a one-line reason."""
