@@ -26,6 +26,8 @@ from fastapi_sessionmaker._health import health_router as health_router
 from fastapi_sessionmaker._health import pool_stats as pool_stats
 from fastapi_sessionmaker._local import set_local as set_local
 from fastapi_sessionmaker._local import use_schemas as use_schemas
+from fastapi_sessionmaker._observe import RequestStats as RequestStats
+from fastapi_sessionmaker._observe import request_stats as request_stats
 from fastapi_sessionmaker._oncommit import on_commit as on_commit
 from fastapi_sessionmaker._oncommit import on_rollback as on_rollback
 from fastapi_sessionmaker._policy import CommitPolicy as CommitPolicy
@@ -83,6 +85,7 @@ __all__ = [
     "Problem",
     "ReadOnlySession",
     "ReadOnlySessionError",
+    "RequestStats",
     "ResponseStartedError",
     "SessionClosedError",
     "TransactionSettingsError",
@@ -97,6 +100,7 @@ __all__ = [
     "on_commit",
     "on_rollback",
     "pool_stats",
+    "request_stats",
     "set_local",
     "setup_guids_postgresql",
     "use_schemas",

@@ -75,6 +75,8 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
         install_liveness_check(engine.sync_engine, kwargs)
         if self.sqlite_foreign_keys:
             enforce_sqlite_foreign_keys(engine.sync_engine)
+        if self.observer is not None:
+            self.observer.instrument(engine.sync_engine)
         return engine
 
     def get_new_sessionmaker(self, engine: AsyncEngine | None) -> async_sessionmaker[AsyncSession]:

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import sqlalchemy as sa
 from fastapi import Depends
 from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
 
 from fastapi_sessionmaker._engines import engine_kwargs
 from fastapi_sessionmaker._guard import chain_lifespan, registry_for
+from fastapi_sessionmaker._observe import Observer, make_observer
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import ErrorMapper, current_state, dependency_for
 from fastapi_sessionmaker._settings import DatabaseSettings
@@ -88,6 +90,10 @@ class MakerBase(Generic[EngineT, FactoryT]):
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
         sqlite_foreign_keys: bool = True,
+        stats: bool = False,
+        slow_query_ms: float | None = None,
+        slow_request_ms: float | None = None,
+        tracing: bool = False,
     ) -> None:
         if database_uri is None and settings is None:
             settings = DatabaseSettings()
@@ -98,6 +104,10 @@ class MakerBase(Generic[EngineT, FactoryT]):
                 database_uri = settings.url()
                 variable = "DATABASE_URI" if settings.uri is not None else "DATABASE_SCHEME"
             options.update(settings.engine_options())
+            if slow_query_ms is None:
+                slow_query_ms = settings.slow_query_ms
+            if slow_request_ms is None:
+                slow_request_ms = settings.slow_request_ms
         if database_uri is None:  # pragma: no cover - settings always give a URL
             raise ConfigurationError("DATABASE_URI is not set")
         options.update(engine_options or {})
@@ -111,6 +121,18 @@ class MakerBase(Generic[EngineT, FactoryT]):
         # fastapi-utils' and the FastAPI tutorial's SessionLocal: no autoflush, no expiry on commit.
         self.session_options: dict[str, Any] = {"expire_on_commit": False, "autoflush": False}
         self.session_options.update(session_options or {})
+        self.observer: Observer | None = make_observer(
+            name=name,
+            stats=stats,
+            slow_query_ms=slow_query_ms,
+            slow_request_ms=slow_request_ms,
+            tracing=tracing,
+        )
+        """What this maker observes (``stats``, slow logs, ``tracing``); ``None``: nothing, at no cost."""
+        if self.observer is not None and self.observer.tracing:
+            key = "sync_session_class" if self.is_async else "class_"
+            base = self.session_options.get(key, Session)
+            self.session_options[key] = self.observer.session_class(base, self.url)
         self._engine: EngineT | None = None
         self._sessionmaker: FactoryT | None = None
         self._dependencies: dict[tuple[CommitPolicy | None, int], Any] = {}
@@ -271,6 +293,8 @@ class MakerBase(Generic[EngineT, FactoryT]):
         """
         registry = registry_for(app, error_mapper=error_mapper)
         registry.add(self)
+        if self.observer is not None:
+            self.observer.install(registry)
         chain_lifespan(app, self.lifespan if check_on_startup else self._dispose_at_shutdown)
 
     @contextlib.asynccontextmanager

@@ -39,7 +39,9 @@ class DatabaseSettings(BaseSettings):
     Give either ``DATABASE_URI`` or its parts (``DATABASE_SCHEME``, ``DATABASE_USER``,
     ``DATABASE_PASSWORD``, ``DATABASE_HOST``, ``DATABASE_PORT``, ``DATABASE_NAME``); pool options are
     ``DATABASE_POOL_SIZE``, ``DATABASE_MAX_OVERFLOW``, ``DATABASE_POOL_TIMEOUT``,
-    ``DATABASE_POOL_RECYCLE`` and ``DATABASE_ECHO``. The password is a secret: it never appears in
+    ``DATABASE_POOL_RECYCLE`` and ``DATABASE_ECHO``; ``DATABASE_SLOW_QUERY_MS`` and
+    ``DATABASE_SLOW_REQUEST_MS`` turn on the slow-query and slow-request log lines (see the
+    maker's ``slow_query_ms`` and ``slow_request_ms``). The password is a secret: it never appears in
     ``repr``, logs or errors. A missing or malformed value raises :class:`ConfigurationError`
     naming the variable. ``DATABASE_URI`` may carry its own password; it is masked the same way.
 
@@ -66,6 +68,9 @@ class DatabaseSettings(BaseSettings):
     pool_timeout: float | None = None
     pool_recycle: int | None = None
     echo: bool = False
+
+    slow_query_ms: float | None = Field(default=None, ge=0)
+    slow_request_ms: float | None = Field(default=None, ge=0)
 
     def __init__(self, **values: Any) -> None:
         try:

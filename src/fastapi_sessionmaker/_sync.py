@@ -78,6 +78,16 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
         sqlite_foreign_keys: On SQLite, run ``PRAGMA foreign_keys=ON`` on every connection
             (the default), so ``FOREIGN KEY`` and ``ON DELETE CASCADE`` are enforced; ``False``
             keeps SQLite's own default (not enforced). Other databases always enforce them.
+        stats: Count each request's statements, database time and pool wait
+            (:func:`request_stats`). Off by default: no listener, no cost.
+        slow_query_ms: Log every statement that takes at least this long on the
+            ``fastapi_sessionmaker.slow.query`` logger (text without parameters; default
+            ``DATABASE_SLOW_QUERY_MS`` when settings are read, else off).
+        slow_request_ms: Log every request that takes at least this long, with its counts, on
+            ``fastapi_sessionmaker.slow.request`` (default ``DATABASE_SLOW_REQUEST_MS``; implies
+            ``stats``).
+        tracing: OpenTelemetry spans: statements (opentelemetry-instrumentation-sqlalchemy),
+            pool wait, commit, rollback and after-commit callbacks (the ``[otel]`` extra).
 
     Example:
         >>> from typing import Annotated
@@ -98,9 +108,12 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
     # -- fastapi-utils names ---------------------------------------------------------------
     def get_new_engine(self) -> sa.Engine:
         """A new engine with this maker's options (dead pooled connections replaced on checkout)."""
-        return create_checked_engine(
+        engine = create_checked_engine(
             self.url, self._engine_kwargs(), self._variable, sqlite_foreign_keys=self.sqlite_foreign_keys
         )
+        if self.observer is not None:
+            self.observer.instrument(engine)
+        return engine
 
     def get_new_sessionmaker(self, engine: sa.Engine | None) -> sessionmaker[Session]:
         """A new sessionmaker bound to ``engine`` (the cached engine when ``None``)."""

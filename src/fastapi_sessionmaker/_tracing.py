@@ -1,0 +1,115 @@
+"""OpenTelemetry spans for what only this package knows: the pool wait, the commit, the rollback and
+the after-commit callbacks. Statements are traced by opentelemetry-instrumentation-sqlalchemy
+(attached to every engine of a maker with ``tracing=True``, see :mod:`._observe`).
+
+Nothing here runs unless a maker was created with ``tracing=True``: OpenTelemetry is imported then,
+and only then (it is the optional ``[otel]`` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from sqlalchemy.orm import Session
+
+from fastapi_sessionmaker.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
+__all__ = [
+    "CALLBACK_SPAN",
+    "COMMIT_SPAN",
+    "POOL_WAIT_SPAN",
+    "ROLLBACK_SPAN",
+    "TracedSessionMixin",
+    "callback_span",
+    "require_opentelemetry",
+    "span",
+    "traced_session_class",
+]
+
+POOL_WAIT_SPAN = "fastapi_sessionmaker.pool_wait"
+COMMIT_SPAN = "fastapi_sessionmaker.commit"
+ROLLBACK_SPAN = "fastapi_sessionmaker.rollback"
+CALLBACK_SPAN = "fastapi_sessionmaker.callback"
+
+_S = TypeVar("_S", bound=Session)
+
+_tracer: Tracer | None = None
+"""Set by the first maker created with ``tracing=True``; until then no span is ever started."""
+
+
+def require_opentelemetry() -> Tracer:
+    """This package's tracer; a one-line :class:`ConfigurationError` when OpenTelemetry is missing."""
+    global _tracer
+    if _tracer is None:
+        try:
+            import opentelemetry.instrumentation.sqlalchemy  # noqa: F401 - statements' spans
+            from opentelemetry import trace
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"tracing=True needs OpenTelemetry ({exc.name} is not installed): "
+                "pip install 'fastapi-sessionmaker[otel]' and configure a tracer provider"
+            ) from None
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            own = version("fastapi-sessionmaker")
+        except PackageNotFoundError:  # pragma: no cover - run from a source tree
+            own = None
+        _tracer = trace.get_tracer("fastapi_sessionmaker", own)
+    return _tracer
+
+
+@contextlib.contextmanager
+def span(name: str, attributes: Mapping[str, Any], *, client: bool = False) -> Iterator[None]:
+    """A span of this package, child of the current one; an exception is recorded and re-raised."""
+    from opentelemetry.trace import SpanKind
+
+    tracer = require_opentelemetry()
+    kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
+    with tracer.start_as_current_span(name, kind=kind, attributes=dict(attributes)):
+        yield
+
+
+class TracedSessionMixin(Session):
+    """A span around each ``commit()`` (its flush included) and ``rollback()`` of a session.
+
+    Composed with the configured ``Session`` class of a maker with ``tracing=True`` (for the async
+    twin, with its ``sync_session_class``), so request sessions, ``context_session()``,
+    ``task_session()``, ``get_db()`` and explicit commits under ``MANUAL`` are all traced.
+    """
+
+    _fsm_span_attributes: ClassVar[Mapping[str, Any]] = {}
+
+    def commit(self) -> None:
+        """Commit inside a ``fastapi_sessionmaker.commit`` span."""
+        with span(COMMIT_SPAN, self._fsm_span_attributes, client=True):
+            super().commit()
+
+    def rollback(self) -> None:
+        """Roll back inside a ``fastapi_sessionmaker.rollback`` span."""
+        with span(ROLLBACK_SPAN, self._fsm_span_attributes, client=True):
+            super().rollback()
+
+
+def traced_session_class(base: type[_S], attributes: Mapping[str, Any]) -> type[_S]:
+    """``base`` with :class:`TracedSessionMixin` in front, its spans carrying ``attributes``."""
+    require_opentelemetry()
+    namespace = {"__module__": base.__module__, "_fsm_span_attributes": dict(attributes)}
+    return type(f"Traced{base.__name__}", (TracedSessionMixin, base), namespace)
+
+
+def callback_span(callback_name: str, where: str, database: str) -> contextlib.AbstractContextManager[None]:
+    """A span around one ``on_commit`` / ``on_rollback`` callback once tracing is on, else nothing."""
+    if _tracer is None:
+        return contextlib.nullcontext()
+    attributes = {
+        "fastapi_sessionmaker.callback": callback_name,
+        "fastapi_sessionmaker.database": database,
+        "fastapi_sessionmaker.where": where,
+    }
+    return span(CALLBACK_SPAN, attributes)
