@@ -28,21 +28,18 @@ SECRET = "p4ssw0rd-in-a-parameter"
 REQUEST_SPAN = "test request"
 
 
-@pytest.fixture(scope="session")
-def exporter() -> InMemorySpanExporter:
-    """The process's tracer provider (set once: OpenTelemetry allows no second one)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    return exporter
+EXPORTER = InMemorySpanExporter()
+PROVIDER = TracerProvider()
+"""The tests' own tracer provider, given to the makers (``tracing=PROVIDER``): the process's global
+one stays unset, so the other tests' apps (FastAPI traces requests natively) make no spans."""
+PROVIDER.add_span_processor(SimpleSpanProcessor(EXPORTER))
 
 
 @pytest.fixture
-def spans(exporter: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
-    exporter.clear()
-    yield exporter
-    exporter.clear()
+def spans() -> Iterator[InMemorySpanExporter]:
+    EXPORTER.clear()
+    yield EXPORTER
+    EXPORTER.clear()
 
 
 class RequestSpan:
@@ -56,7 +53,7 @@ class RequestSpan:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        with trace.get_tracer("tests").start_as_current_span(REQUEST_SPAN):
+        with PROVIDER.get_tracer("tests").start_as_current_span(REQUEST_SPAN):
             await self.app(scope, receive, send)
 
 
@@ -131,7 +128,7 @@ def tables(sync_engine: sa.Engine) -> None:
 def test_commit_pool_wait_statements_and_callbacks_are_spans_of_the_request(
     make_maker: MakerFactory, backend: str, spans: InMemorySpanExporter
 ) -> None:
-    maker = make_maker(tracing=True, name="orders")
+    maker = make_maker(tracing=PROVIDER, name="orders")
     done: list[str] = []
     with TestClient(make_app(maker, done)) as client:
         spans.clear()  # the start-up check's spans
@@ -173,7 +170,7 @@ def test_commit_pool_wait_statements_and_callbacks_are_spans_of_the_request(
 def test_a_failed_request_has_a_rollback_span(
     make_maker: MakerFactory, backend: str, spans: InMemorySpanExporter
 ) -> None:
-    maker = make_maker(tracing=True)
+    maker = make_maker(tracing=PROVIDER)
     done: list[str] = []
     with TestClient(make_app(maker, done), raise_server_exceptions=False) as client:
         spans.clear()
@@ -193,8 +190,8 @@ def test_a_failed_request_has_a_rollback_span(
 def test_a_commit_outside_a_request_is_a_span_of_the_current_one(
     twin: str, make_maker: MakerFactory, spans: InMemorySpanExporter
 ) -> None:
-    maker = make_maker(tracing=True)
-    with trace.get_tracer("tests").start_as_current_span("job") as job:
+    maker = make_maker(tracing=PROVIDER)
+    with PROVIDER.get_tracer("tests").start_as_current_span("job") as job:
         if isinstance(maker, FastAPISessionMaker):
             with maker.context_session() as session:
                 session.execute(sa.text("SELECT 1"))
@@ -213,7 +210,7 @@ def test_a_commit_outside_a_request_is_a_span_of_the_current_one(
 
 
 def test_every_engine_is_traced_once_and_untraced_makers_add_nothing(make_maker: MakerFactory) -> None:
-    traced = make_maker(tracing=True)
+    traced = make_maker(tracing=PROVIDER)
     plain = make_maker()
 
     def sync_engine_of(maker: Maker) -> sa.Engine:

@@ -25,6 +25,7 @@ from fastapi_sessionmaker.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["Limiter", "MakerBase"]
 
@@ -93,7 +94,7 @@ class MakerBase(Generic[EngineT, FactoryT]):
         stats: bool = False,
         slow_query_ms: float | None = None,
         slow_request_ms: float | None = None,
-        tracing: bool = False,
+        tracing: bool | TracerProvider = False,
     ) -> None:
         if database_uri is None and settings is None:
             settings = DatabaseSettings()

@@ -139,12 +139,13 @@ def otel_traced(engine: sa.Engine) -> bool:
     )
 
 
-def otel_trace_engine(engine: sa.Engine) -> bool:
+def otel_trace_engine(engine: sa.Engine, provider: Any = None) -> bool:
     """Attach the SQLAlchemy instrumentation's ``EngineTracer`` to ``engine`` (a sync engine, or an
     async engine's ``sync_engine``) unless it is traced already; whether it was attached.
 
     The same tracer, meter and defaults as ``SQLAlchemyInstrumentor().instrument(engine=...)``,
-    without patching ``create_engine`` for the whole process.
+    without patching ``create_engine`` for the whole process; ``provider``: a tracer provider
+    (``None``: the global one).
     """
     from opentelemetry import metrics, trace
     from opentelemetry.instrumentation.sqlalchemy import __name__ as instrumentation
@@ -154,7 +155,7 @@ def otel_trace_engine(engine: sa.Engine) -> bool:
 
     if otel_traced(engine):
         return False
-    tracer = trace.get_tracer(instrumentation, __version__)
+    tracer = trace.get_tracer(instrumentation, __version__, tracer_provider=provider)
     meter = metrics.get_meter(instrumentation, __version__)
     usage = meter.create_up_down_counter(
         name=MetricInstruments.DB_CLIENT_CONNECTIONS_USAGE,

@@ -31,11 +31,18 @@ from starlette.requests import HTTPConnection
 
 from fastapi_sessionmaker import _compat
 from fastapi_sessionmaker._request import current_state
-from fastapi_sessionmaker._tracing import POOL_WAIT_SPAN, require_opentelemetry, span, traced_session_class
+from fastapi_sessionmaker._tracing import (
+    POOL_WAIT_SPAN,
+    span,
+    trace_callbacks,
+    traced_session_class,
+    tracer_for,
+)
 from fastapi_sessionmaker._urls import scrub
 from fastapi_sessionmaker.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer, TracerProvider
     from starlette.types import Message, Scope, Send
 
     from fastapi_sessionmaker._request import Registry
@@ -206,15 +213,18 @@ class Observer:
         stats: bool,
         slow_query_ms: float | None,
         slow_request_ms: float | None,
-        tracing: bool,
+        tracing: bool | TracerProvider,
     ) -> None:
         self.name = name
         self.counting = stats or slow_request_ms is not None
         self.slow_query_ms = slow_query_ms
         self.slow_request_ms = slow_request_ms
-        self.tracing = tracing
-        if tracing:
-            require_opentelemetry()
+        self.tracing = tracing is not False
+        self.tracer_provider = None if isinstance(tracing, bool) else tracing
+        self.tracer: Tracer | None = None
+        if self.tracing:
+            self.tracer = tracer_for(self.tracer_provider)
+            trace_callbacks(name, self.tracer)
 
     def span_attributes(self, url: sa.URL) -> dict[str, Any]:
         """The attributes of this maker's spans: the database system and name, the maker's name."""
@@ -229,7 +239,9 @@ class Observer:
 
     def session_class(self, base: type[Session], url: sa.URL) -> type[Session]:
         """The session class of a tracing maker: commits and rollbacks are spans."""
-        return traced_session_class(base, self.span_attributes(url)) if self.tracing else base
+        if self.tracer is None:
+            return base
+        return traced_session_class(base, self.tracer, self.span_attributes(url))
 
     def instrument(self, engine: sa.Engine) -> None:
         """Attach what this observer needs to ``engine`` (an async engine's ``sync_engine``)."""
@@ -241,7 +253,7 @@ class Observer:
             attributes = self.span_attributes(engine.url)
             _compat.wrap_raw_connection(engine, lambda original: self._checkout(original, attributes))
         if self.tracing:
-            _compat.otel_trace_engine(engine)
+            _compat.otel_trace_engine(engine, self.tracer_provider)
 
     def install(self, registry: Registry) -> None:
         """Make the app of ``registry`` keep a :class:`RequestStats` per request."""
@@ -284,13 +296,13 @@ class Observer:
         return statement_failed
 
     def _checkout(self, original: Callable[[], Any], attributes: Mapping[str, Any]) -> Callable[[], Any]:
-        counting, tracing = self.counting, self.tracing
+        counting, tracer = self.counting, self.tracer
 
         def raw_connection() -> Any:
             started = time.perf_counter()
             try:
-                if tracing:
-                    with span(POOL_WAIT_SPAN, attributes):
+                if tracer is not None:
+                    with span(tracer, POOL_WAIT_SPAN, attributes):
                         return original()
                 return original()
             finally:
@@ -375,12 +387,12 @@ def make_observer(
     stats: bool,
     slow_query_ms: float | None,
     slow_request_ms: float | None,
-    tracing: bool,
+    tracing: bool | TracerProvider,
 ) -> Observer | None:
     """The observer of a maker, or ``None`` when nothing is observed (then nothing is attached)."""
     slow_query = _threshold(slow_query_ms, "slow_query_ms", "DATABASE_SLOW_QUERY_MS")
     slow_request = _threshold(slow_request_ms, "slow_request_ms", "DATABASE_SLOW_REQUEST_MS")
-    if not (stats or tracing or slow_query is not None or slow_request is not None):
+    if not (stats or tracing is not False or slow_query is not None or slow_request is not None):
         return None
     return Observer(
         name=name, stats=stats, slow_query_ms=slow_query, slow_request_ms=slow_request, tracing=tracing

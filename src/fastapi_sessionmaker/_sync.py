@@ -87,7 +87,8 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
             ``fastapi_sessionmaker.slow.request`` (default ``DATABASE_SLOW_REQUEST_MS``; implies
             ``stats``).
         tracing: OpenTelemetry spans: statements (opentelemetry-instrumentation-sqlalchemy),
-            pool wait, commit, rollback and after-commit callbacks (the ``[otel]`` extra).
+            pool wait, commit, rollback and after-commit callbacks (the ``[otel]`` extra), from
+            the global tracer provider, or from the ``TracerProvider`` given here.
 
     Example:
         >>> from typing import Annotated

@@ -2,8 +2,8 @@
 the after-commit callbacks. Statements are traced by opentelemetry-instrumentation-sqlalchemy
 (attached to every engine of a maker with ``tracing=True``, see :mod:`._observe`).
 
-Nothing here runs unless a maker was created with ``tracing=True``: OpenTelemetry is imported then,
-and only then (it is the optional ``[otel]`` extra).
+Nothing here runs unless a maker was created with ``tracing=True`` (the global tracer provider) or
+``tracing=provider``: OpenTelemetry is imported then, and only then (the optional ``[otel]`` extra).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from fastapi_sessionmaker.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Tracer
+    from opentelemetry.trace import Tracer, TracerProvider
 
 __all__ = [
     "CALLBACK_SPAN",
@@ -26,9 +26,10 @@ __all__ = [
     "ROLLBACK_SPAN",
     "TracedSessionMixin",
     "callback_span",
-    "require_opentelemetry",
     "span",
+    "trace_callbacks",
     "traced_session_class",
+    "tracer_for",
 ]
 
 POOL_WAIT_SPAN = "fastapi_sessionmaker.pool_wait"
@@ -38,38 +39,42 @@ CALLBACK_SPAN = "fastapi_sessionmaker.callback"
 
 _S = TypeVar("_S", bound=Session)
 
-_tracer: Tracer | None = None
-"""Set by the first maker created with ``tracing=True``; until then no span is ever started."""
+_callback_tracers: dict[str, Tracer] = {}
+"""The tracer of each database (maker name) created with tracing: its callbacks are spans."""
 
 
-def require_opentelemetry() -> Tracer:
-    """This package's tracer; a one-line :class:`ConfigurationError` when OpenTelemetry is missing."""
-    global _tracer
-    if _tracer is None:
-        try:
-            import opentelemetry.instrumentation.sqlalchemy  # noqa: F401 - statements' spans
-            from opentelemetry import trace
-        except ImportError as exc:
-            raise ConfigurationError(
-                f"tracing=True needs OpenTelemetry ({exc.name} is not installed): "
-                "pip install 'fastapi-sessionmaker[otel]' and configure a tracer provider"
-            ) from None
-        from importlib.metadata import PackageNotFoundError, version
+def tracer_for(provider: TracerProvider | None) -> Tracer:
+    """This package's tracer from ``provider`` (``None``: the global one, looked up at each span).
 
-        try:
-            own = version("fastapi-sessionmaker")
-        except PackageNotFoundError:  # pragma: no cover - run from a source tree
-            own = None
-        _tracer = trace.get_tracer("fastapi_sessionmaker", own)
-    return _tracer
+    A one-line :class:`ConfigurationError` when OpenTelemetry is missing.
+    """
+    try:
+        import opentelemetry.instrumentation.sqlalchemy  # noqa: F401 - statements' spans
+        from opentelemetry import trace
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"tracing=True needs OpenTelemetry ({exc.name} is not installed): "
+            "pip install 'fastapi-sessionmaker[otel]' and configure a tracer provider"
+        ) from None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own: str | None = version("fastapi-sessionmaker")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree
+        own = None
+    return trace.get_tracer("fastapi_sessionmaker", own, tracer_provider=provider)
+
+
+def trace_callbacks(database: str, tracer: Tracer) -> None:
+    """Make the ``on_commit`` / ``on_rollback`` callbacks of ``database`` spans of ``tracer``."""
+    _callback_tracers[database] = tracer
 
 
 @contextlib.contextmanager
-def span(name: str, attributes: Mapping[str, Any], *, client: bool = False) -> Iterator[None]:
+def span(tracer: Tracer, name: str, attributes: Mapping[str, Any], *, client: bool = False) -> Iterator[None]:
     """A span of this package, child of the current one; an exception is recorded and re-raised."""
     from opentelemetry.trace import SpanKind
 
-    tracer = require_opentelemetry()
     kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
     with tracer.start_as_current_span(name, kind=kind, attributes=dict(attributes)):
         yield
@@ -83,33 +88,38 @@ class TracedSessionMixin(Session):
     ``task_session()``, ``get_db()`` and explicit commits under ``MANUAL`` are all traced.
     """
 
+    _fsm_tracer: ClassVar[Tracer]
     _fsm_span_attributes: ClassVar[Mapping[str, Any]] = {}
 
     def commit(self) -> None:
         """Commit inside a ``fastapi_sessionmaker.commit`` span."""
-        with span(COMMIT_SPAN, self._fsm_span_attributes, client=True):
+        with span(self._fsm_tracer, COMMIT_SPAN, self._fsm_span_attributes, client=True):
             super().commit()
 
     def rollback(self) -> None:
         """Roll back inside a ``fastapi_sessionmaker.rollback`` span."""
-        with span(ROLLBACK_SPAN, self._fsm_span_attributes, client=True):
+        with span(self._fsm_tracer, ROLLBACK_SPAN, self._fsm_span_attributes, client=True):
             super().rollback()
 
 
-def traced_session_class(base: type[_S], attributes: Mapping[str, Any]) -> type[_S]:
+def traced_session_class(base: type[_S], tracer: Tracer, attributes: Mapping[str, Any]) -> type[_S]:
     """``base`` with :class:`TracedSessionMixin` in front, its spans carrying ``attributes``."""
-    require_opentelemetry()
-    namespace = {"__module__": base.__module__, "_fsm_span_attributes": dict(attributes)}
+    namespace = {
+        "__module__": base.__module__,
+        "_fsm_tracer": tracer,
+        "_fsm_span_attributes": dict(attributes),
+    }
     return type(f"Traced{base.__name__}", (TracedSessionMixin, base), namespace)
 
 
 def callback_span(callback_name: str, where: str, database: str) -> contextlib.AbstractContextManager[None]:
-    """A span around one ``on_commit`` / ``on_rollback`` callback once tracing is on, else nothing."""
-    if _tracer is None:
+    """A span around one ``on_commit`` / ``on_rollback`` callback of a traced database, else nothing."""
+    tracer = _callback_tracers.get(database) if _callback_tracers else None
+    if tracer is None:
         return contextlib.nullcontext()
     attributes = {
         "fastapi_sessionmaker.callback": callback_name,
         "fastapi_sessionmaker.database": database,
         "fastapi_sessionmaker.where": where,
     }
-    return span(CALLBACK_SPAN, attributes)
+    return span(tracer, CALLBACK_SPAN, attributes)
