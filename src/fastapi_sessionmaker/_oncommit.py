@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, SessionTransaction
 
 from fastapi_sessionmaker._sessions import is_closed, response_started, sync_of
-from fastapi_sessionmaker._tracing import callback_span
+from fastapi_sessionmaker._tracing import callback_name, callback_span
 from fastapi_sessionmaker.exceptions import ResponseStartedError, SessionClosedError
 
 logger = logging.getLogger("fastapi_sessionmaker")
@@ -212,12 +212,8 @@ def _to_run(callbacks: list[Callback]) -> list[Callback]:
     return callbacks if execute else []
 
 
-def _name(callback: Callback) -> str:
-    return getattr(callback, "__qualname__", None) or type(callback).__qualname__
-
-
 def _failed(callback: Callback, where: str, database: str) -> None:
-    name = _name(callback)
+    name = callback_name(callback)
     logger.error(
         "callback %s after the transaction failed on %s (database %r)",
         name,
@@ -238,7 +234,7 @@ async def run_async(callbacks: list[Callback], *, where: str, database: str) -> 
     """Run ``callbacks`` in order: async ones awaited, sync ones in a worker thread."""
     for callback in _to_run(callbacks):
         try:
-            with callback_span(_name(callback), where, database):
+            with callback_span(callback, where, database):
                 if _is_async(callback):
                     await callback()
                 else:
@@ -253,7 +249,7 @@ def run_sync(callbacks: list[Callback], *, where: str, database: str) -> None:
     """Run ``callbacks`` in order in this thread (async ones in an event loop of their own)."""
     for callback in _to_run(callbacks):
         try:
-            with callback_span(_name(callback), where, database):
+            with callback_span(callback, where, database):
                 result = callback()
                 if inspect.isawaitable(result):
                     _run_awaitable(result)

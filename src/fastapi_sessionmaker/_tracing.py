@@ -9,7 +9,7 @@ Nothing here runs unless a maker was created with ``tracing=True`` (the global t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from sqlalchemy.orm import Session
@@ -25,6 +25,7 @@ __all__ = [
     "POOL_WAIT_SPAN",
     "ROLLBACK_SPAN",
     "TracedSessionMixin",
+    "callback_name",
     "callback_span",
     "span",
     "trace_callbacks",
@@ -112,13 +113,20 @@ def traced_session_class(base: type[_S], tracer: Tracer, attributes: Mapping[str
     return type(f"Traced{base.__name__}", (TracedSessionMixin, base), namespace)
 
 
-def callback_span(callback_name: str, where: str, database: str) -> contextlib.AbstractContextManager[None]:
+def callback_name(callback: Callable[[], Any]) -> str:
+    """How logs and spans name a callback: its qualified name."""
+    return getattr(callback, "__qualname__", None) or type(callback).__qualname__
+
+
+def callback_span(
+    callback: Callable[[], Any], where: str, database: str
+) -> contextlib.AbstractContextManager[None]:
     """A span around one ``on_commit`` / ``on_rollback`` callback of a traced database, else nothing."""
     tracer = _callback_tracers.get(database) if _callback_tracers else None
     if tracer is None:
         return contextlib.nullcontext()
     attributes = {
-        "fastapi_sessionmaker.callback": callback_name,
+        "fastapi_sessionmaker.callback": callback_name(callback),
         "fastapi_sessionmaker.database": database,
         "fastapi_sessionmaker.where": where,
     }
