@@ -258,3 +258,33 @@ def test_thresholds_come_from_the_settings_and_bad_ones_fail_clearly(
         DatabaseSettings()
     with pytest.raises(ConfigurationError, match=r"^slow_request_ms=-5: give a number of milliseconds"):
         FastAPISessionMaker("sqlite://", slow_request_ms=-5)
+
+
+def test_every_session_of_the_request_counts(make_maker: MakerFactory, client_for: Any) -> None:
+    maker = make_maker(stats=True)
+    app = FastAPI()
+    maker.init_app(app)
+    Db = Annotated[Any, maker.dependency]
+
+    if isinstance(maker, FastAPISessionMaker):
+        sync_maker = maker
+
+        @app.get("/two")
+        def two_sync(request: Request, session: Db) -> list[int]:
+            session.execute(sa.text("SELECT 1"))
+            with sync_maker.context_session() as other:  # its own connection, same request
+                other.execute(sa.text("SELECT 2"))
+            stats = request_stats(request)
+            return [stats.statements, stats.checkouts]
+    else:
+        async_maker = maker
+
+        @app.get("/two")
+        async def two_async(request: Request, session: Db) -> list[int]:
+            await session.execute(sa.text("SELECT 1"))
+            async with async_maker.context_session() as other:
+                await other.execute(sa.text("SELECT 2"))
+            stats = request_stats(request)
+            return [stats.statements, stats.checkouts]
+
+    assert client_for(app).get("/two").json() == [2, 2]
