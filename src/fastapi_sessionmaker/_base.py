@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import sqlalchemy as sa
 from fastapi import Depends
 from sqlalchemy.engine import URL
-from sqlalchemy.orm import Session
 
 from fastapi_sessionmaker._engines import engine_kwargs
 from fastapi_sessionmaker._guard import chain_lifespan, registry_for
@@ -130,10 +129,8 @@ class MakerBase(Generic[EngineT, FactoryT]):
             tracing=tracing,
         )
         """What this maker observes (``stats``, slow logs, ``tracing``); ``None``: nothing, at no cost."""
-        if self.observer is not None and self.observer.tracing:
-            key = "sync_session_class" if self.is_async else "class_"
-            base = self.session_options.get(key, Session)
-            self.session_options[key] = self.observer.session_class(base, self.url)
+        if self.observer is not None:
+            self.observer.trace_sessions(self.session_options, self.url, is_async=self.is_async)
         self._engine: EngineT | None = None
         self._sessionmaker: FactoryT | None = None
         self._dependencies: dict[tuple[CommitPolicy | None, int], Any] = {}

@@ -237,11 +237,14 @@ class Observer:
             attributes["db.name"] = url.database
         return attributes
 
-    def session_class(self, base: type[Session], url: sa.URL) -> type[Session]:
-        """The session class of a tracing maker: commits and rollbacks are spans."""
+    def trace_sessions(self, session_options: dict[str, Any], url: sa.URL, *, is_async: bool) -> None:
+        """Make the maker's session class (the async twin's ``sync_session_class``) trace its
+        commits and rollbacks, when tracing."""
         if self.tracer is None:
-            return base
-        return traced_session_class(base, self.tracer, self.span_attributes(url))
+            return
+        key = "sync_session_class" if is_async else "class_"
+        base = session_options.get(key, Session)
+        session_options[key] = traced_session_class(base, self.tracer, self.span_attributes(url))
 
     def instrument(self, engine: sa.Engine) -> None:
         """Attach what this observer needs to ``engine`` (an async engine's ``sync_engine``)."""
