@@ -20,7 +20,7 @@ from fastapi_sessionmaker import (
     RequestStats,
     request_stats,
 )
-from tests.conftest import Maker, MakerFactory
+from tests.conftest import Databases, Maker, MakerFactory
 from tests.models import reset_tables
 
 SECRET = "p4ssw0rd-in-a-parameter"
@@ -288,3 +288,22 @@ def test_every_session_of_the_request_counts(make_maker: MakerFactory, client_fo
             return [stats.statements, stats.checkouts]
 
     assert client_for(app).get("/two").json() == [2, 2]
+
+
+def test_a_slow_query_line_masks_the_database_password(
+    databases: Databases, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PostgreSQL here trusts 127.0.0.1: the password is accepted and never checked.
+    url = sa.make_url(databases.url("postgresql")).set(password="s3cret-pw")
+    maker = FastAPISessionMaker(url, slow_query_ms=0)
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="fastapi_sessionmaker.slow"),
+            maker.context_session() as session,
+        ):
+            assert session.execute(sa.text("SELECT 's3cret-pw' AS leaked")).scalar_one() == "s3cret-pw"
+    finally:
+        maker.dispose()
+    (record,) = [r for r in slow_records(caplog, "query") if "AS leaked" in r.getMessage()]
+    assert record.getMessage().endswith(": SELECT '***' AS leaked")
+    assert "s3cret-pw" not in everything_logged(slow_records(caplog, "query"))
