@@ -67,6 +67,14 @@ APPROACHES = [
 """The approaches the README's claims rest on; ``peers.enable()`` appends the peers."""
 BY_NAME = {a.name: a for a in APPROACHES}
 
+OBSERVABILITY = [
+    Approach("ours-sync-observed", "self_sync_observed", "sync", ours=True),
+    Approach("ours-sync-traced", "self_sync_traced", "sync", ours=True),
+    Approach("ours-async-observed", "self_async_observed", "async", ours=True),
+    Approach("ours-async-traced", "self_async_traced", "async", ours=True),
+]
+"""Ours with observability on (``apps/_observed.py``), beside ``ours-*`` (off): ``--observability``."""
+
 OWN_PYTHON = [Path(sys.executable)]
 """The interpreter of the approaches without one of their own: this one, or the peers' ``project``."""
 

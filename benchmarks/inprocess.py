@@ -6,6 +6,11 @@ Usage::
     .venv/bin/python benchmarks/inprocess.py --peers             # also the peers, ~10 min
     .venv/bin/python benchmarks/inprocess.py --db postgresql --endpoints get --rounds 9
     .venv/bin/python benchmarks/inprocess.py --smoke             # seconds (CI)
+    .venv/bin/python benchmarks/inprocess.py --observability     # what observability costs
+
+``--observability`` measures ours with observability off (``ours-sync``, the default maker: no
+listener attached), with statement counts and slow logs on (``ours-sync-observed``) and with
+OpenTelemetry on (``ours-sync-traced``), the async twins alike, against the hand-written baseline.
 
 ``throughput.py`` measures what users see (throughput under ``wrk``); on a shared two-core machine its
 ratios move by several per cent from round to round. This script isolates the session layer:
@@ -42,7 +47,9 @@ from harness import (
     APPROACHES,
     BY_NAME,
     ENDPOINTS,
+    OBSERVABILITY,
     ROOT,
+    add_approaches,
     app_path,
     drop_database,
     fmt,
@@ -186,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument(
+        "--observability", action="store_true", help="ours with observability off and on (apps/_observed.py)"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks-cpu.md")
     parser.add_argument("--smoke", action="store_true", help="seconds: SQLite, ours + the baselines (CI)")
@@ -200,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         skipped, _ = peers.enable(args.approach)
     if args.smoke:
         args.db, args.rounds, args.requests, args.warmup = ["sqlite"], 1, 30, 10
-    names = [n for n in args.approach or [a.name for a in APPROACHES] if n not in skipped]
+    default = [a.name for a in APPROACHES]
+    if args.observability:
+        add_approaches(OBSERVABILITY)
+        default = ["ours-sync", *(a.name for a in OBSERVABILITY if a.kind == "sync"), "handwritten-sync"]
+        default += ["ours-async", *(a.name for a in OBSERVABILITY if a.kind == "async"), "handwritten-async"]
+    names = [n for n in args.approach or default if n not in skipped]
     if "bare" not in names and "ping" in args.endpoints.split(","):
         names.append("bare")  # the /ping baseline
     unknown = sorted(set(names) - set(BY_NAME))

@@ -9,10 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_smoke(script: str) -> str:
+def run_smoke(script: str, *options: str) -> str:
     """Run ``benchmarks/<script> --smoke``; its standard output (it must exit 0)."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *options],
         capture_output=True,
         text=True,
         timeout=120,
@@ -44,6 +44,16 @@ def test_inprocess_cpu_benchmark_smoke_mode_measures_every_cell() -> None:
     for row in rows:
         cpu = float(row.split("|")[5].replace(",", ""))
         assert cpu > 0, row
+
+
+def test_inprocess_observability_rows_measure_ours_off_and_on() -> None:
+    # Two of the --observability apps (both twins, both kinds) keep the smoke test short.
+    options = ["--observability", "--endpoints", "get"]
+    options += ["--approach", "ours-sync-traced", "--approach", "ours-async-observed"]
+    output = run_smoke("inprocess.py", *options)
+    rows = [line.split("|") for line in output.splitlines() if line.startswith("| sqlite |")]
+    assert [row[3].strip() for row in rows] == ["ours-sync-traced", "ours-async-observed"], output[-3000:]
+    assert all(float(row[5].replace(",", "")) > 0 for row in rows), output[-3000:]
 
 
 def test_dependency_cost_benchmark_smoke_mode_measures_every_shape() -> None:

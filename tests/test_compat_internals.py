@@ -99,3 +99,41 @@ def test_every_driver_exposes_the_socket_of_an_idle_connection(make_maker: Any, 
         f"{sync_engine.dialect.driver}: the driver's connection no longer exposes its socket where "
         "_compat.dead_connection_probe looks: update it"
     )
+
+
+def test_sqlalchemy_connections_check_out_through_engine_raw_connection() -> None:
+    engine = sa.create_engine("sqlite://")
+    calls: list[str] = []
+
+    def wrapper(original: Any) -> Any:
+        def raw_connection() -> Any:
+            calls.append("checkout")
+            return original()
+
+        return raw_connection
+
+    _compat.wrap_raw_connection(engine, wrapper)
+    with engine.connect() as connection:
+        connection.execute(sa.text("SELECT 1"))
+    with Session(engine) as session:
+        session.execute(sa.text("SELECT 1"))
+    engine.dispose()  # a new pool: the wrapper stays on the engine
+    with engine.connect():
+        pass
+    assert calls == ["checkout"] * 3, (
+        "sqlalchemy.Connection no longer checks out through Engine.raw_connection(): update "
+        "_compat.wrap_raw_connection (the pool wait of the observability layer relies on it)"
+    )
+
+
+def test_opentelemetry_sqlalchemy_engine_tracer_attaches_to_one_engine() -> None:
+    engine = sa.create_engine("sqlite://")
+    assert not _compat.otel_traced(engine)
+    assert _compat.otel_trace_engine(engine), (
+        "opentelemetry-instrumentation-sqlalchemy's EngineTracer(tracer, engine, usage, ...) "
+        "changed: update _compat.otel_trace_engine"
+    )
+    assert _compat.otel_traced(engine)
+    assert not _compat.otel_trace_engine(engine)  # never twice
+    assert len(engine.dispatch.before_cursor_execute) == 1
+    engine.dispose()

@@ -61,6 +61,9 @@ EXPECTED_ROOT = {
     # side effects after the commit
     "on_commit",
     "on_rollback",
+    # observability: statement counts per request
+    "RequestStats",
+    "request_stats",
     "TransactionSettingsError",
     # fastapi-utils names
     "get_engine",

@@ -28,6 +28,8 @@ from fastapi_sessionmaker._local import set_local as set_local
 from fastapi_sessionmaker._local import use_schemas as use_schemas
 from fastapi_sessionmaker._notfound import get_or_404 as get_or_404
 from fastapi_sessionmaker._notfound import one_or_404 as one_or_404
+from fastapi_sessionmaker._observe import RequestStats as RequestStats
+from fastapi_sessionmaker._observe import request_stats as request_stats
 from fastapi_sessionmaker._oncommit import on_commit as on_commit
 from fastapi_sessionmaker._oncommit import on_rollback as on_rollback
 from fastapi_sessionmaker._policy import CommitPolicy as CommitPolicy
@@ -89,6 +91,7 @@ __all__ = [
     "Problem",
     "ReadOnlySession",
     "ReadOnlySessionError",
+    "RequestStats",
     "ResponseStartedError",
     "SessionClosedError",
     "TransactionSettingsError",
@@ -105,6 +108,7 @@ __all__ = [
     "on_rollback",
     "one_or_404",
     "pool_stats",
+    "request_stats",
     "set_local",
     "setup_guids_postgresql",
     "use_schemas",

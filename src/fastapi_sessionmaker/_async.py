@@ -83,6 +83,8 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
         if self.sqlite_foreign_keys:
             enforce_sqlite_foreign_keys(engine.sync_engine)
         fork_safe(engine.sync_engine)
+        if self.observer is not None:
+            self.observer.instrument(engine.sync_engine)
         return engine
 
     def get_new_sessionmaker(self, engine: AsyncEngine | None) -> async_sessionmaker[AsyncSession]:

@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL
 from fastapi_sessionmaker._engines import engine_kwargs
 from fastapi_sessionmaker._guard import chain_lifespan, registry_for
 from fastapi_sessionmaker._multidb import check_two_phase
+from fastapi_sessionmaker._observe import Observer, make_observer
 from fastapi_sessionmaker._pgbouncer import PgBouncerMode, check_pgbouncer
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._replicas import (
@@ -32,6 +33,7 @@ from fastapi_sessionmaker.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from opentelemetry.trace import TracerProvider
 
     from fastapi_sessionmaker.alembic import Migrations
 
@@ -105,6 +107,10 @@ class MakerBase(Generic[EngineT, FactoryT]):
         replica_check_interval: float = DEFAULT_CHECK_INTERVAL,
         pgbouncer: PgBouncerMode | None = None,
         two_phase: bool | None = None,
+        stats: bool = False,
+        slow_query_ms: float | None = None,
+        slow_request_ms: float | None = None,
+        tracing: bool | TracerProvider = False,
     ) -> None:
         if database_uri is None and settings is None:
             settings = DatabaseSettings.named(name)  # DATABASE_* or DATABASE_<NAME>_*
@@ -116,6 +122,10 @@ class MakerBase(Generic[EngineT, FactoryT]):
                 variable = settings.variable("uri" if settings.uri is not None else "scheme")
             options.update(settings.engine_options())
             pgbouncer = pgbouncer or settings.pgbouncer
+            if slow_query_ms is None:
+                slow_query_ms = settings.slow_query_ms
+            if slow_request_ms is None:
+                slow_request_ms = settings.slow_request_ms
         if database_uri is None:  # pragma: no cover - settings always give a URL
             raise ConfigurationError("DATABASE_URI is not set")
         options.update(engine_options or {})
@@ -146,6 +156,16 @@ class MakerBase(Generic[EngineT, FactoryT]):
                     "give the session class once: session_class=... or session_options={'class_': ...}"
                 )
             self.session_options["class_"] = checked_session_class(session_class, is_async=self.is_async)
+        self.observer: Observer | None = make_observer(
+            name=name,
+            stats=stats,
+            slow_query_ms=slow_query_ms,
+            slow_request_ms=slow_request_ms,
+            tracing=tracing,
+        )
+        """What this maker observes (``stats``, slow logs, ``tracing``); ``None``: nothing, at no cost."""
+        if self.observer is not None:
+            self.observer.trace_sessions(self.session_options, self.url, is_async=self.is_async)
         self._engine: EngineT | None = None
         self._sessionmaker: FactoryT | None = None
         self._dependencies: dict[tuple[CommitPolicy | None, int], Any] = {}
@@ -357,6 +377,8 @@ class MakerBase(Generic[EngineT, FactoryT]):
             migrations.install(app, self)
         if self.replicas is not None:  # read-your-writes headers (outside the guard)
             install_positions(app, self)
+        if self.observer is not None:
+            self.observer.install(registry)
         chain_lifespan(app, self.lifespan if check_on_startup else self._dispose_at_shutdown)
 
     @contextlib.asynccontextmanager

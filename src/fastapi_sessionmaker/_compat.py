@@ -14,6 +14,12 @@ What is read, and why:
 - Driver connection attributes (asyncpg's and aiomysql's transports, PyMySQL's ``_sock``,
   psycopg's ``fileno()``, SQLAlchemy's async adapters' ``_connection``): the socket of an idle
   pooled connection, to see without a round trip that the server closed it.
+- SQLAlchemy's ``Connection`` takes its DBAPI connection through ``Engine.raw_connection()``: the
+  observability layer (:mod:`._observe`) wraps that method on the engines it observes to time the
+  pool wait, as no event fires *before* a checkout.
+- opentelemetry-instrumentation-sqlalchemy's ``EngineTracer``: the class its instrumentor attaches
+  to each engine, built here for the engines of a maker with ``tracing=True`` (the instrumentor is
+  a process-wide singleton that instruments the engines of its first call only).
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from sqlalchemy.orm import Session
 __all__ = [
     "dead_connection_probe",
     "fastapi_function_stack",
+    "otel_trace_engine",
     "pool_max_overflow",
     "pool_pre_ping",
     "pool_timeout",
     "session_is_clean",
     "transaction_connections",
+    "wrap_raw_connection",
 ]
 
 FUNCTION_STACK_KEY = "fastapi_function_astack"
@@ -110,3 +118,49 @@ def dead_connection_probe(dbapi_connection: Any) -> Callable[[], bool] | None:
             readable = _poller(fileno())
             return lambda: bool(candidate.closed) or readable()
     return None
+
+
+def wrap_raw_connection(engine: sa.Engine, wrapper: Callable[[Callable[[], Any]], Callable[[], Any]]) -> None:
+    """Make every checkout of ``engine`` (each ``Connection`` it opens) go through ``wrapper(original)``.
+
+    ``Connection.__init__`` calls ``engine.raw_connection()``; the wrapper replaces that method on
+    this engine instance only, so it survives ``engine.dispose()`` (which recreates the pool).
+    """
+    engine.raw_connection = wrapper(engine.raw_connection)  # type: ignore[method-assign]
+
+
+def otel_traced(engine: sa.Engine) -> bool:
+    """Whether opentelemetry-instrumentation-sqlalchemy already traces ``engine``'s statements."""
+    from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+
+    return any(
+        isinstance(getattr(listener, "__self__", None), EngineTracer)
+        for listener in engine.dispatch.before_cursor_execute
+    )
+
+
+def otel_trace_engine(engine: sa.Engine, provider: Any = None) -> bool:
+    """Attach the SQLAlchemy instrumentation's ``EngineTracer`` to ``engine`` (a sync engine, or an
+    async engine's ``sync_engine``) unless it is traced already; whether it was attached.
+
+    The same tracer, meter and defaults as ``SQLAlchemyInstrumentor().instrument(engine=...)``,
+    without patching ``create_engine`` for the whole process; ``provider``: a tracer provider
+    (``None``: the global one).
+    """
+    from opentelemetry import metrics, trace
+    from opentelemetry.instrumentation.sqlalchemy import __name__ as instrumentation
+    from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+    from opentelemetry.instrumentation.sqlalchemy.version import __version__
+    from opentelemetry.semconv.metrics import MetricInstruments
+
+    if otel_traced(engine):
+        return False
+    tracer = trace.get_tracer(instrumentation, __version__, tracer_provider=provider)
+    meter = metrics.get_meter(instrumentation, __version__)
+    usage = meter.create_up_down_counter(
+        name=MetricInstruments.DB_CLIENT_CONNECTIONS_USAGE,
+        unit="connections",
+        description="The number of connections that are currently in state described by the state attribute.",
+    )
+    EngineTracer(tracer, engine, usage, False, {}, False)  # type: ignore[no-untyped-call]
+    return True

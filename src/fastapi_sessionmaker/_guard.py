@@ -31,6 +31,8 @@ from fastapi_sessionmaker.exceptions import NotFoundError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from fastapi_sessionmaker._observe import RequestStats
+
 logger = logging.getLogger("fastapi_sessionmaker")
 
 __all__ = ["SessionGuard", "chain_lifespan", "registry_for"]
@@ -93,6 +95,7 @@ class _Exchange:
         retry = _Exchange(self.guard, self.scope, self._receive, self._send)
         retry.attempt = self.attempt + 1
         retry.disconnected = self.disconnected
+        retry.state.stats = self.state.stats  # every attempt counts in the request's stats
         replay = [*(self.received or ()), *(self.unread or ())]
         retry.unread = replay or None
         return retry
@@ -107,6 +110,11 @@ class _Exchange:
             and self.attempt <= self.state.retries
             and is_retryable(exc)
         )
+
+    def observe(self, stats: RequestStats) -> None:
+        """Count this request's statements in ``stats`` and let it see the status and the end."""
+        self.state.stats = stats
+        self._send = stats.watch(self._send)
 
     async def receive(self) -> Message:
         if self.unread:
@@ -202,7 +210,11 @@ class SessionGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        exchange: _Exchange | None = _Exchange(self, scope, receive, send)
+        first = _Exchange(self, scope, receive, send)
+        observer = self.registry.observer
+        if observer is not None:  # an installed maker observes: stats for this request
+            first.observe(observer.start(scope))
+        exchange: _Exchange | None = first
         while exchange is not None:
             exchange = await self._attempt(exchange)
 

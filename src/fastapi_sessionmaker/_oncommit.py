@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, SessionTransaction
 
 from fastapi_sessionmaker._sessions import is_closed, response_started, sync_of
+from fastapi_sessionmaker._tracing import callback_name, callback_span
 from fastapi_sessionmaker.exceptions import ResponseStartedError, SessionClosedError
 
 logger = logging.getLogger("fastapi_sessionmaker")
@@ -212,7 +213,7 @@ def _to_run(callbacks: list[Callback]) -> list[Callback]:
 
 
 def _failed(callback: Callback, where: str, database: str) -> None:
-    name = getattr(callback, "__qualname__", None) or type(callback).__qualname__
+    name = callback_name(callback)
     logger.error(
         "callback %s after the transaction failed on %s (database %r)",
         name,
@@ -233,12 +234,13 @@ async def run_async(callbacks: list[Callback], *, where: str, database: str) -> 
     """Run ``callbacks`` in order: async ones awaited, sync ones in a worker thread."""
     for callback in _to_run(callbacks):
         try:
-            if _is_async(callback):
-                await callback()
-            else:
-                result = await anyio.to_thread.run_sync(callback)
-                if inspect.isawaitable(result):
-                    await result
+            with callback_span(callback, where, database):
+                if _is_async(callback):
+                    await callback()
+                else:
+                    result = await anyio.to_thread.run_sync(callback)
+                    if inspect.isawaitable(result):
+                        await result
         except Exception:
             _failed(callback, where, database)
 
@@ -247,9 +249,10 @@ def run_sync(callbacks: list[Callback], *, where: str, database: str) -> None:
     """Run ``callbacks`` in order in this thread (async ones in an event loop of their own)."""
     for callback in _to_run(callbacks):
         try:
-            result = callback()
-            if inspect.isawaitable(result):
-                _run_awaitable(result)
+            with callback_span(callback, where, database):
+                result = callback()
+                if inspect.isawaitable(result):
+                    _run_awaitable(result)
         except Exception:
             _failed(callback, where, database)
 

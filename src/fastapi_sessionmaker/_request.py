@@ -35,6 +35,7 @@ from fastapi_sessionmaker._sessions import discarded_changes, mark_response_star
 from fastapi_sessionmaker.exceptions import NotInstalledError
 
 if TYPE_CHECKING:
+    from fastapi_sessionmaker._observe import AppObserver, RequestStats
     from fastapi_sessionmaker._unit import Lifecycle
 
 logger = logging.getLogger("fastapi_sessionmaker")
@@ -96,6 +97,9 @@ class _Entry:
 class Registry:
     """The makers installed on one app (``app.state.fastapi_sessionmaker``)."""
 
+    observer: AppObserver | None = None
+    """Set when an installed maker observes (:mod:`._observe`): the guard then keeps stats per request."""
+
     def __init__(self) -> None:
         self.makers: dict[str, RequestMaker] = {}
         self.default_sync: RequestMaker | None = None
@@ -128,6 +132,8 @@ class RequestState:
     ready: list[tuple[list[Callback], str]] | None = None
     partial: PartialCommit | None = None
     """Set when a request of several databases was stored in some of them only (see _multidb)."""
+    stats: RequestStats | None = None
+    """What the request did in the database, when an installed maker observes (:mod:`._observe`)."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry

@@ -67,7 +67,9 @@ class DatabaseSettings(BaseSettings):
     ``DATABASE_POOL_RECYCLE`` and ``DATABASE_ECHO``; ``DATABASE_PGBOUNCER=transaction`` sets the
     drivers up for PgBouncer in transaction mode (no prepared statements);
     ``DATABASE_TWO_PHASE=true`` turns on two-phase commit for requests that write to this and
-    other databases. Read replicas: ``DATABASE_REPLICA_URIS`` (comma-separated URLs),
+    other databases; ``DATABASE_SLOW_QUERY_MS`` and ``DATABASE_SLOW_REQUEST_MS`` turn on the
+    slow-query and slow-request log lines (the maker's ``slow_query_ms`` / ``slow_request_ms``).
+    Read replicas: ``DATABASE_REPLICA_URIS`` (comma-separated URLs),
     ``DATABASE_REPLICA_MAX_LAG`` (bytes) and ``DATABASE_REPLICA_CHECK_INTERVAL`` (seconds). The
     password is a secret: it never appears in ``repr``, logs or errors. A missing or malformed
     value raises :class:`ConfigurationError` naming the variable. ``DATABASE_URI`` may carry its
@@ -110,6 +112,9 @@ class DatabaseSettings(BaseSettings):
     two_phase: bool = False
 
     _prefix: str = PrivateAttr("DATABASE_")
+
+    slow_query_ms: float | None = Field(default=None, ge=0)
+    slow_request_ms: float | None = Field(default=None, ge=0)
 
     def __init__(self, **values: Any) -> None:
         prefix = values.get("_env_prefix") or "DATABASE_"

@@ -100,6 +100,18 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
             databases, this one's transaction is prepared before any commits (PostgreSQL
             prepared transactions, MySQL/MariaDB XA; SQLite has none). Default:
             ``DATABASE_TWO_PHASE`` (off).
+        stats (bool): Count each request's statements, database time and pool wait
+            (:func:`request_stats`). Off by default: no listener, no cost.
+        slow_query_ms (float | None): Log every statement that takes at least this long on the
+            ``fastapi_sessionmaker.slow.query`` logger (text without parameters; default
+            ``DATABASE_SLOW_QUERY_MS`` when settings are read, else off).
+        slow_request_ms (float | None): Log every request that takes at least this long, with
+            its counts, on ``fastapi_sessionmaker.slow.request`` (default
+            ``DATABASE_SLOW_REQUEST_MS``; implies ``stats``).
+        tracing (bool | TracerProvider): OpenTelemetry spans: statements
+            (opentelemetry-instrumentation-sqlalchemy), pool wait, commit, rollback and
+            after-commit callbacks (the ``[otel]`` extra), from the global tracer provider, or
+            from the ``TracerProvider`` given here.
 
     Example:
         >>> from typing import Annotated
@@ -124,7 +136,10 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
 
     def _engine_for(self, url: sa.URL, variable: str) -> sa.Engine:
         kwargs = self._engine_kwargs(url)
-        return create_checked_engine(url, kwargs, variable, sqlite_foreign_keys=self.sqlite_foreign_keys)
+        engine = create_checked_engine(url, kwargs, variable, sqlite_foreign_keys=self.sqlite_foreign_keys)
+        if self.observer is not None:
+            self.observer.instrument(engine)
+        return engine
 
     def get_new_sessionmaker(self, engine: sa.Engine | None) -> sessionmaker[Session]:
         """A new sessionmaker bound to ``engine`` (the cached engine when ``None``)."""
