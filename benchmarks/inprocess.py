@@ -31,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -145,9 +146,11 @@ async def drive(module: str, endpoint: str, warmup: int, requests: int, concurre
         await asyncio.gather(*(client(share + (i < extra)) for i in range(concurrency)))
 
     await batch(warmup)
+    os.getppid()  # under callgrind (``--instructions``): counting starts here (--zero-before)
     cpu, wall = time.process_time(), time.perf_counter()
     await batch(requests)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    os.getpgrp()  # ... and ends here (--dump-before)
     await shutdown()
     return {"cpu_us": cpu / requests * 1e6, "wall_us": wall / requests * 1e6}
 
@@ -164,13 +167,28 @@ def child_main(args: argparse.Namespace) -> int:
 def run_child(
     python: str, module: str, endpoint: str, args: argparse.Namespace, env: dict[str, str]
 ) -> float:
-    """CPU µs per request of ``module`` on ``endpoint``, measured by a child process."""
+    """CPU µs per request of ``module`` on ``endpoint``, measured by a child process; with
+    ``--instructions``, the instructions per request (thousands) counted by callgrind instead."""
     command = [python, str(Path(__file__).resolve()), "--child", module, "--endpoint", endpoint]
     for option in ("warmup", "requests", "concurrency"):
         command += [f"--{option}", str(getattr(args, option))]
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{module} {endpoint}: {(out.stderr or out.stdout).strip()[-1500:]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.instructions:
+            # Counted between the child's os.getppid() and os.getpgrp() (see drive()): start-up,
+            # imports and warm-up are left out; every thread counts. Repeatable under any load.
+            out_file = Path(tmp) / "callgrind.out"
+            command = [
+                *("valgrind", "--tool=callgrind", "--zero-before=getppid", "--dump-before=getpgrp"),
+                f"--callgrind-out-file={out_file}",
+                *command,
+            ]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"{module} {endpoint}: {(out.stderr or out.stdout).strip()[-1500:]}")
+        if args.instructions:
+            dump = Path(f"{out_file}.1").read_text()
+            total = next(int(line.split()[1]) for line in dump.splitlines() if line.startswith("summary:"))
+            return total / args.requests / 1000
     return float(json.loads(out.stdout.strip().splitlines()[-1])["cpu_us"])
 
 
@@ -189,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks-cpu.md")
     parser.add_argument("--smoke", action="store_true", help="seconds: SQLite, ours + the baselines (CI)")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per request with valgrind's callgrind (slow, but the same under any load)",
+    )
     args = parser.parse_args(argv)
     if args.child:
         return child_main(args)
@@ -209,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown approach {', '.join(unknown)}: choose from {', '.join(BY_NAME)} (peers: --peers)"
         )
     endpoints = args.endpoints.split(",")
+    unit = "k instructions/req" if args.instructions else "CPU µs/req"
     results: dict[tuple[str, str, str], list[float]] = {}
     rounds: dict[tuple[str, str], list[dict[str, float]]] = {}
     for db_name in args.db or ["sqlite", "postgresql"]:
@@ -222,12 +246,14 @@ def main(argv: list[str] | None = None) -> int:
                         approach = BY_NAME[name]
                         if endpoint != "ping" and approach.kind == "bare":
                             continue
-                        env["PYTHONPATH"] = app_path(approach)
+                        # BENCH_PYTHONPATH: a checkout to measure instead of the installed package
+                        extra = os.environ.get("BENCH_PYTHONPATH")
+                        env["PYTHONPATH"] = os.pathsep.join(filter(None, [app_path(approach), extra]))
                         value = run_child(str(python_for(approach)), approach.module, endpoint, args, env)
                         this_round[name] = 1e6 / value
                         results.setdefault((db_name, endpoint, name), []).append(value)
                         row = f"{db_name:10} {endpoint:4} {name:26} {value:12.1f}"
-                        print(f"  r{rep + 1} {row} CPU µs/req", flush=True)
+                        print(f"  r{rep + 1} {row} {unit}", flush=True)
                     rounds.setdefault((db_name, endpoint), []).append(this_round)
         finally:
             drop_database(db_name)
@@ -248,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_tutorial": median_ratio(per_round, name, second) if second else None,
             }
         )
-    table = markdown(rows)
+    table = markdown(rows, "k instructions per request" if args.instructions else "CPU µs per request")
     print("\n" + table)
     if args.json:
         payload = {"requests": args.requests, "rounds": args.rounds, "rows": rows}
@@ -258,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], unit: str = "CPU µs per request") -> str:
     lines = [
-        "| db | endpoint | approach | kind | CPU µs per request | ratio | vs | ratio to tutorial |",
+        f"| db | endpoint | approach | kind | {unit} | ratio | vs | ratio to tutorial |",
         "|---|---|---|---|---:|---:|---|---:|",
     ]
     for row in rows:
