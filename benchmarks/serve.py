@@ -4,7 +4,8 @@
 ``benchmarks/apps``) imports ``MODULE.app``, starts it with ``tests.conftest.Server`` (uvicorn,
 127.0.0.1, a free port, lifespan on, no access log, uvloop and httptools), prints
 ``LISTENING <url>`` and serves until its standard input is closed: the runner closes it to stop
-the server, and a runner that dies stops it too. Run by ``throughput.py`` with each approach's own interpreter.
+the server, and a runner that dies stops it too. Run by ``throughput.py`` with each approach's
+own interpreter.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ async def poll_receive(receive: Receive) -> Message | None:
     def interrupt() -> None:
         nonlocal fired
         fired = True
-        task.cancel()
+        asyncio.Task.cancel(task)  # the base method: it interrupts an _Unstoppable task too
 
     handle = loop.call_soon(interrupt)
     try:
