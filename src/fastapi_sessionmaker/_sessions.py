@@ -49,6 +49,7 @@ __all__ = [
     "compose",
     "compose_async",
     "discarded_changes",
+    "is_busy",
     "is_closed",
     "mark_closed",
     "mark_response_started",
@@ -340,6 +341,12 @@ def compose_async(base: type[AsyncSession]) -> type[AsyncSession]:
         composed = type(f"Serial{base.__name__}", (SerialAsyncSession, base), {"__module__": base.__module__})
         _COMPOSED_ASYNC[base] = composed
     return composed
+
+
+def is_busy(session: Any) -> bool:
+    """Whether another task is running an operation on ``session`` (a :class:`SerialAsyncSession`):
+    a plain check, so that an idle session is ended without awaiting anything first."""
+    return getattr(session, "_fsm_running", None) is not None
 
 
 def sync_of(session: Any) -> Session:
