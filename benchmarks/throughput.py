@@ -5,6 +5,8 @@ Usage::
     .venv/bin/python benchmarks/throughput.py            # full run: SQLite + PostgreSQL
     .venv/bin/python benchmarks/throughput.py --smoke    # a few seconds: SQLite (CI)
     .venv/bin/python benchmarks/throughput.py --peers    # also the peer libraries (benchmarks/peers/)
+    # Python 3.11 and 3.12 interleaved in one run (VENV=.venv-3.12 PYTHON=python3.12 scripts/install dev):
+    .venv/bin/python benchmarks/throughput.py --python .venv-3.12/bin/python --repeats 3 --docs
 
 Every approach is a tiny app in ``benchmarks/apps/`` served by uvicorn (one worker, 127.0.0.1,
 no access log) in a process of its own (``serve.py``: the test suite's ``Server`` helper).
