@@ -7,9 +7,11 @@ this folder on ``sys.path``); the opt-in peer comparison (``peers/``) adds its a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,19 +42,20 @@ class Approach:
     app_dir: Path = APPS
     python: Path | None = None
     peer: str | None = None  # the peer library (``peers/``), for its notes and versions
+    tag: str = ""  # "@3.12": a copy run by another interpreter (``--python``), compared with its own
 
     def baseline(self, endpoint: str) -> str:
         """The reference of this approach's ratios on ``endpoint``: the best hand-written pattern
-        of the same kind for the database endpoints, the bare app for ``/ping``."""
+        of the same kind (on the same Python) for the database endpoints, the bare app for ``/ping``."""
         if endpoint == "ping" or self.kind == "bare":
-            return "bare"
-        return f"handwritten-{self.kind}"
+            return f"bare{self.tag}"
+        return f"handwritten-{self.kind}{self.tag}"
 
     def second_baseline(self, endpoint: str) -> str | None:
         """The tutorial pattern (commit + refresh), shown beside the reference; none for ``/ping``."""
         if endpoint == "ping" or self.kind == "bare":
             return None
-        return f"tutorial-{self.kind}"
+        return f"tutorial-{self.kind}{self.tag}"
 
 
 APPROACHES = [
@@ -82,6 +85,26 @@ OWN_PYTHON = [Path(sys.executable)]
 def add_approaches(approaches: list[Approach]) -> None:
     APPROACHES.extend(approaches)
     BY_NAME.update((a.name, a) for a in approaches)
+
+
+def python_version(python: Path | str) -> str:
+    """``"3.12"`` for an interpreter."""
+    out = subprocess.run(
+        [str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def add_python(python: Path) -> str:
+    """Copies of ours and the baselines served by ``python`` (a virtualenv with this project
+    installed, e.g. ``.venv-3.12/bin/python``), named ``<approach>@<version>``; the tag."""
+    tag = f"@{python_version(python)}"
+    own = [a for a in APPROACHES if a.peer is None and a.python is None and not a.tag]
+    add_approaches([dataclasses.replace(a, name=a.name + tag, python=python, tag=tag) for a in own])
+    return tag
 
 
 def python_for(approach: Approach) -> Path:

@@ -36,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -50,6 +51,7 @@ from harness import (
     OBSERVABILITY,
     ROOT,
     add_approaches,
+    add_python,
     app_path,
     drop_database,
     fmt,
@@ -136,31 +138,40 @@ def request_for(endpoint: str, n: int) -> tuple[str, str, bytes]:
     return "GET", "/ping", b""
 
 
-async def drive(module: str, endpoint: str, warmup: int, requests: int, concurrency: int) -> dict[str, float]:
+async def drive(
+    module: str, endpoints: list[str], warmup: int, requests: int, concurrency: int
+) -> dict[str, dict[str, float]]:
+    """Serve ``endpoints`` one after the other from one app; per endpoint, CPU and wall µs per request."""
     app = importlib.import_module(module).app  # found through PYTHONPATH (``harness.app_path``)
     shutdown, _ = await lifespan(app)
     counter = iter(range(10**9))
+    results: dict[str, dict[str, float]] = {}
+    for endpoint in endpoints:
 
-    async def client(count: int) -> None:
-        for _ in range(count):
-            status = await call(app, *request_for(endpoint, next(counter)))
-            if not 200 <= status < 300:
-                raise SystemExit(f"{module} {endpoint}: status {status}")
+        async def client(count: int, endpoint: str = endpoint) -> None:
+            for _ in range(count):
+                status = await call(app, *request_for(endpoint, next(counter)))
+                if not 200 <= status < 300:
+                    raise SystemExit(f"{module} {endpoint}: status {status}")
 
-    async def batch(total: int) -> None:
-        share, extra = divmod(total, concurrency)
-        await asyncio.gather(*(client(share + (i < extra)) for i in range(concurrency)))
+        async def batch(total: int) -> None:
+            share, extra = divmod(total, concurrency)
+            await asyncio.gather(*(client(share + (i < extra)) for i in range(concurrency)))
 
-    await batch(warmup)
-    cpu, wall = time.process_time(), time.perf_counter()
-    await batch(requests)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        await batch(warmup)
+        os.getppid()  # under callgrind (``--instructions``): counting starts here (--zero-before)
+        cpu, wall = time.process_time(), time.perf_counter()
+        await batch(requests)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        os.getpgrp()  # ... and ends here (--dump-before): one dump per endpoint, in order
+        results[endpoint] = {"cpu_us": cpu / requests * 1e6, "wall_us": wall / requests * 1e6}
     await shutdown()
-    return {"cpu_us": cpu / requests * 1e6, "wall_us": wall / requests * 1e6}
+    return results
 
 
 def child_main(args: argparse.Namespace) -> int:
-    result = asyncio.run(drive(args.child, args.endpoint, args.warmup, args.requests, args.concurrency))
+    endpoints = args.endpoint.split(",")
+    result = asyncio.run(drive(args.child, endpoints, args.warmup, args.requests, args.concurrency))
     print(json.dumps(result))
     return 0
 
@@ -169,16 +180,37 @@ def child_main(args: argparse.Namespace) -> int:
 
 
 def run_child(
-    python: str, module: str, endpoint: str, args: argparse.Namespace, env: dict[str, str]
-) -> float:
-    """CPU µs per request of ``module`` on ``endpoint``, measured by a child process."""
-    command = [python, str(Path(__file__).resolve()), "--child", module, "--endpoint", endpoint]
+    python: str, module: str, endpoints: list[str], args: argparse.Namespace, env: dict[str, str]
+) -> dict[str, float]:
+    """Per endpoint, the CPU µs per request of ``module``, measured by one child process; with
+    ``--instructions``, the instructions per request (thousands) counted by callgrind instead."""
+    command = [python, str(Path(__file__).resolve()), "--child", module, "--endpoint", ",".join(endpoints)]
     for option in ("warmup", "requests", "concurrency"):
         command += [f"--{option}", str(getattr(args, option))]
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{module} {endpoint}: {(out.stderr or out.stdout).strip()[-1500:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["cpu_us"])
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = Path(tmp) / "callgrind.out"
+        if args.instructions:
+            # Counted between the child's os.getppid() and os.getpgrp() (see drive()): start-up,
+            # imports and warm-up are left out; every thread counts. Repeatable under any load.
+            command = [
+                *("valgrind", "--tool=callgrind", "--zero-before=getppid", "--dump-before=getpgrp"),
+                f"--callgrind-out-file={out_file}",
+                *command,
+            ]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"{module}: {(out.stderr or out.stdout).strip()[-1500:]}")
+        if args.instructions:
+            counts = {}
+            for n, endpoint in enumerate(endpoints, 1):
+                dump = Path(f"{out_file}.{n}").read_text()
+                total = next(
+                    int(line.split()[1]) for line in dump.splitlines() if line.startswith("summary:")
+                )
+                counts[endpoint] = total / args.requests / 1000
+            return counts
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    return {endpoint: float(measured[endpoint]["cpu_us"]) for endpoint in endpoints}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks-cpu.md")
     parser.add_argument("--smoke", action="store_true", help="seconds: SQLite, ours + the baselines (CI)")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per request with valgrind's callgrind (slow, but the same under any load)",
+    )
+    parser.add_argument(
+        "--python",
+        action="append",
+        type=Path,
+        default=[],
+        help="also run ours and the baselines with this interpreter (rows <approach>@<version>)",
+    )
     args = parser.parse_args(argv)
     if args.child:
         return child_main(args)
@@ -216,34 +260,45 @@ def main(argv: list[str] | None = None) -> int:
         default = ["ours-sync", *(a.name for a in OBSERVABILITY if a.kind == "sync"), "handwritten-sync"]
         default += ["ours-async", *(a.name for a in OBSERVABILITY if a.kind == "async"), "handwritten-async"]
     names = [n for n in args.approach or default if n not in skipped]
-    if "bare" not in names and "ping" in args.endpoints.split(","):
-        names.append("bare")  # the /ping baseline
+    for python in args.python:
+        tag = add_python(python)
+        names += [n + tag for n in names if not BY_NAME[n].tag and n + tag in BY_NAME]
+    if "ping" in args.endpoints.split(","):
+        for tag in {BY_NAME[n].tag for n in names}:
+            if f"bare{tag}" not in names:
+                names.append(f"bare{tag}")  # the /ping baseline
     unknown = sorted(set(names) - set(BY_NAME))
     if unknown:
         parser.error(
             f"unknown approach {', '.join(unknown)}: choose from {', '.join(BY_NAME)} (peers: --peers)"
         )
     endpoints = args.endpoints.split(",")
+    unit = "k instructions/req" if args.instructions else "CPU µs/req"
     results: dict[tuple[str, str, str], list[float]] = {}
     rounds: dict[tuple[str, str], list[dict[str, float]]] = {}
     for db_name in args.db or ["sqlite", "postgresql"]:
         db = prepare_database(db_name)
         env = {**os.environ, **db.env(), "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
         try:
-            for endpoint in endpoints:
-                for rep in range(args.rounds):
-                    this_round: dict[str, float] = {}  # requests per CPU second: higher is better
-                    for name in rotated(names, rep):
-                        approach = BY_NAME[name]
-                        if endpoint != "ping" and approach.kind == "bare":
-                            continue
-                        env["PYTHONPATH"] = app_path(approach)
-                        value = run_child(str(python_for(approach)), approach.module, endpoint, args, env)
-                        this_round[name] = 1e6 / value
+            for rep in range(args.rounds):
+                this_round: dict[str, dict[str, float]] = {}  # per endpoint: requests per CPU second
+                for name in rotated(names, rep):
+                    approach = BY_NAME[name]
+                    wanted = ["ping"] if approach.kind == "bare" else endpoints
+                    wanted = [e for e in wanted if e in endpoints]
+                    if not wanted:
+                        continue
+                    # BENCH_PYTHONPATH: a checkout to measure instead of the installed package
+                    extra = os.environ.get("BENCH_PYTHONPATH")
+                    env["PYTHONPATH"] = os.pathsep.join(filter(None, [app_path(approach), extra]))
+                    values = run_child(str(python_for(approach)), approach.module, wanted, args, env)
+                    for endpoint, value in values.items():
+                        this_round.setdefault(endpoint, {})[name] = 1e6 / value
                         results.setdefault((db_name, endpoint, name), []).append(value)
                         row = f"{db_name:10} {endpoint:4} {name:26} {value:12.1f}"
-                        print(f"  r{rep + 1} {row} CPU µs/req", flush=True)
-                    rounds.setdefault((db_name, endpoint), []).append(this_round)
+                        print(f"  r{rep + 1} {row} {unit}", flush=True)
+                for endpoint, scores in this_round.items():
+                    rounds.setdefault((db_name, endpoint), []).append(scores)
         finally:
             drop_database(db_name)
     rows = []
@@ -263,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_tutorial": median_ratio(per_round, name, second) if second else None,
             }
         )
-    table = markdown(rows)
+    table = markdown(rows, "k instructions per request" if args.instructions else "CPU µs per request")
     print("\n" + table)
     if args.json:
         payload = {"requests": args.requests, "rounds": args.rounds, "rows": rows}
@@ -273,9 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], unit: str = "CPU µs per request") -> str:
     lines = [
-        "| db | endpoint | approach | kind | CPU µs per request | ratio | vs | ratio to tutorial |",
+        f"| db | endpoint | approach | kind | {unit} | ratio | vs | ratio to tutorial |",
         "|---|---|---|---|---:|---:|---|---:|",
     ]
     for row in rows:

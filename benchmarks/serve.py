@@ -2,9 +2,10 @@
 
 ``python benchmarks/serve.py MODULE`` (with ``PYTHONPATH`` naming the app's folder and
 ``benchmarks/apps``) imports ``MODULE.app``, starts it with ``tests.conftest.Server`` (uvicorn,
-127.0.0.1, a free port, lifespan on, no access log), prints ``LISTENING <url>`` and serves until
-its standard input is closed: the runner closes it to stop the server, and a runner that dies
-stops it too. Run by ``throughput.py`` with each approach's own interpreter.
+127.0.0.1, a free port, lifespan on, no access log, uvloop and httptools), prints
+``LISTENING <url>`` and serves until its standard input is closed: the runner closes it to stop
+the server, and a runner that dies stops it too. Run by ``throughput.py`` with each approach's
+own interpreter.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from tests.conftest import Server
 
 
 def main(module: str) -> int:
-    server = Server(importlib.import_module(module).app, access_log=False)
+    # uvloop and httptools (the ``bench`` extra), as production deployments of uvicorn run it.
+    server = Server(importlib.import_module(module).app, access_log=False, loop="uvloop", http="httptools")
     print(f"LISTENING {server.start(timeout=60.0)}", flush=True)
     sys.stdin.read()  # until the runner closes it
     server.stop()

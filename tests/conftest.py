@@ -211,9 +211,14 @@ def maker(make_maker: MakerFactory) -> Maker:
 
 
 class Server:
-    """A real uvicorn serving an app on 127.0.0.1 in a background thread."""
+    """A real uvicorn serving an app on 127.0.0.1 in a background thread.
+
+    The plain asyncio loop and h11 unless ``loop=`` / ``http=`` say otherwise (the benchmarks
+    serve with uvloop and httptools, the ``bench`` extra): installing them changes no test.
+    """
 
     def __init__(self, app: FastAPI, **config: Any) -> None:
+        config = {"loop": "asyncio", "http": "h11", **config}
         self.config = uvicorn.Config(
             app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **config
         )

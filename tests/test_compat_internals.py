@@ -137,3 +137,42 @@ def test_opentelemetry_sqlalchemy_engine_tracer_attaches_to_one_engine() -> None
     assert not _compat.otel_trace_engine(engine)  # never twice
     assert len(engine.dispatch.before_cursor_execute) == 1
     engine.dispose()
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_uvicorn_tells_whether_the_client_is_gone(http: str) -> None:
+    """The guard asks uvicorn's ``RequestResponseCycle.disconnected`` before a commit (no loop turn)."""
+    import socket
+    import threading
+
+    import anyio
+
+    from tests.conftest import Server, wait_until
+
+    seen: list[bool | None] = []
+    entered, release = threading.Event(), threading.Event()
+    app = FastAPI()
+
+    @app.get("/flag")
+    async def flag(request: Request) -> None:
+        seen.append(_compat.server_disconnected(request.receive))
+        entered.set()
+        assert await anyio.to_thread.run_sync(release.wait, 10.0)
+        seen.append(_compat.server_disconnected(request.receive))
+
+    server = Server(app, http=http)
+    host, port = server.start().removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10.0) as client:
+            client.sendall(b"GET /flag HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert entered.wait(10.0)
+        wait_until(lambda: not server.server.server_state.connections, "uvicorn to see the disconnect")
+        release.set()
+        wait_until(lambda: len(seen) == 2, "the endpoint to look again")
+    finally:
+        server.stop()
+    assert seen == [False, True], (
+        f"uvicorn's RequestResponseCycle ({http}) no longer answers .disconnected as expected "
+        f"({seen}): update _compat.server_disconnected (the guard polls receive() otherwise)"
+    )
+    assert _compat.server_disconnected(lambda: None) is None  # another server: poll instead

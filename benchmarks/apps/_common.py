@@ -15,11 +15,12 @@ SYNC_URL = os.environ.get("BENCH_SYNC_URL", "sqlite:///./bench.db")
 """A sync SQLAlchemy URL with its driver (``sqlite:///...``, ``postgresql+psycopg://...``)."""
 ASYNC_URL = os.environ.get("BENCH_ASYNC_URL", "sqlite+aiosqlite:///./bench.db")
 """The async URL of the same database (``sqlite+aiosqlite``, ``postgresql+asyncpg``)."""
-POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "10"))
+POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "32"))
+MAX_OVERFLOW = int(os.environ.get("BENCH_MAX_OVERFLOW", "10"))
 POOL_TIMEOUT = float(os.environ.get("BENCH_POOL_TIMEOUT", "30"))
 ENGINE_OPTIONS: dict[str, object] = {
     "pool_size": POOL_SIZE,
-    "max_overflow": 0,
+    "max_overflow": MAX_OVERFLOW,
     "pool_timeout": POOL_TIMEOUT,
 }
 """The same pool for every approach. Dead-connection handling is each library's own default:

@@ -11,6 +11,8 @@ What is read, and why:
   to ask their drivers whether a transaction is open on the server.
 - SQLAlchemy's ``QueuePool._timeout`` / ``_max_overflow`` and ``Pool._pre_ping``: the pool's size
   limits and checks (no public accessor exists).
+- uvicorn's ``RequestResponseCycle.disconnected`` (the object behind the ``receive`` it passes):
+  whether the client is gone, asked before a commit without waiting and without a loop turn.
 - Driver connection attributes (asyncpg's and aiomysql's transports, PyMySQL's ``_sock``,
   psycopg's ``fileno()``, SQLAlchemy's async adapters' ``_connection``): the socket of an idle
   pooled connection, to see without a round trip that the server closed it.
@@ -39,6 +41,7 @@ __all__ = [
     "pool_max_overflow",
     "pool_pre_ping",
     "pool_timeout",
+    "server_disconnected",
     "session_is_clean",
     "transaction_connections",
     "wrap_raw_connection",
@@ -51,6 +54,26 @@ def fastapi_function_stack(scope: Any) -> AsyncExitStack | None:
     """FastAPI's exit stack closed right after the endpoint (and its ``scope="function"`` deps)."""
     stack = scope.get(FUNCTION_STACK_KEY)
     return stack if isinstance(stack, AsyncExitStack) else None
+
+
+_UVICORN_CYCLES = (
+    "uvicorn.protocols.http.httptools_impl",
+    "uvicorn.protocols.http.h11_impl",
+)
+_cycle_types: dict[type, bool] = {}
+
+
+def server_disconnected(receive: Any) -> bool | None:
+    """uvicorn's own flag for "the client is gone" when ``receive`` is its ``RequestResponseCycle``'s;
+    ``None`` for another server (or a ``receive`` wrapped by a middleware): ask by polling then."""
+    cycle = getattr(receive, "__self__", None)
+    if cycle is None:
+        return None
+    kind = type(cycle)
+    known = _cycle_types.get(kind)
+    if known is None:
+        known = _cycle_types[kind] = kind.__module__ in _UVICORN_CYCLES and hasattr(cycle, "disconnected")
+    return bool(cycle.disconnected) if known else None
 
 
 def session_is_clean(session: Session) -> bool:

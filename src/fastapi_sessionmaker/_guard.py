@@ -8,22 +8,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fastapi_sessionmaker import _compat
 from fastapi_sessionmaker._errors import Problem, is_retryable, log_mapped
 from fastapi_sessionmaker._multidb import PARTIAL
 from fastapi_sessionmaker._notfound import not_found_response
-from fastapi_sessionmaker._request import (
-    ErrorMapper,
-    Registry,
-    RequestMaker,
-    RequestState,
-    enter_state,
-    reset_state,
-)
+from fastapi_sessionmaker._request import CURRENT, ErrorMapper, Registry, RequestMaker, RequestState
 from fastapi_sessionmaker._retry import next_delay
 from fastapi_sessionmaker._shield import poll_receive, run_to_completion
 from fastapi_sessionmaker.exceptions import NotFoundError
@@ -139,8 +134,13 @@ class _Exchange:
             self.received, self.replayable = None, False
 
     async def gone(self) -> bool:
-        """Whether the client has disconnected, asked without waiting."""
+        """Whether the client has disconnected, asked without waiting: uvicorn knows without a
+        loop turn; any other server is polled (a message it had ready is kept for the app)."""
         if not self.disconnected:
+            known = _compat.server_disconnected(self._receive)
+            if known is not None:
+                self.disconnected = known
+                return known
             message = await poll_receive(self._receive)
             if message is not None:
                 if message["type"] == "http.disconnect":
@@ -152,13 +152,13 @@ class _Exchange:
         return self.disconnected
 
     async def send(self, message: Message) -> None:
-        if self.replaced:
-            return
         state = self.state
         if not state.entries:  # no session: pass through
             if message["type"] == "http.response.start":
                 self.started = True
             await self._send(message)
+            return
+        if self.replaced:
             return
         if message["type"] == "http.response.start":
             failure = await run_to_completion(state.finish, message["status"], self.gone)
@@ -198,8 +198,9 @@ class _Exchange:
 class SessionGuard:
     """Pure ASGI layer installed by ``init_app``: commits request sessions before the response.
 
-    Per HTTP request it costs one object, one context-variable set and a ``send`` that passes
-    messages through; requests that open no session do no database work and no thread hop.
+    Per HTTP request it costs two small objects, one context-variable set and a ``send`` that
+    passes messages through; requests that open no session do no database work, no thread hop
+    and no extra loop turn.
     """
 
     def __init__(self, app: ASGIApp, registry: Registry) -> None:
@@ -215,45 +216,49 @@ class SessionGuard:
         if observer is not None:  # an installed maker observes: stats for this request
             first.observe(observer.start(scope))
         exchange: _Exchange | None = first
-        while exchange is not None:
-            exchange = await self._attempt(exchange)
+        while exchange is not None:  # one attempt per turn; again only to retry (depends(retries=))
+            state = exchange.state
+            token = CURRENT.set(weakref.ref(state))  # enter_state(), inline: one call less
+            retry: Exception | None = None
+            try:
+                await self.app(scope, exchange.receive, exchange.send)
+            except _RetryRequest as signal:
+                retry = signal.cause
+            except Exception as exc:
+                retry = await self._failed(exchange, exc)
+            finally:
+                if state.entries:
+                    await exchange.close_all(retrying=retry is not None)
+                CURRENT.reset(token)
+            exchange = None if retry is None else await self._again(exchange, retry)
 
-    async def _attempt(self, exchange: _Exchange) -> _Exchange | None:
-        """Serve one attempt of the request; the next attempt when this one is to be retried."""
+    async def _failed(self, exchange: _Exchange, exc: Exception) -> Exception | None:
+        """An attempt that raised: the error to retry it for, else a problem response (or raise)."""
         scope, state = exchange.scope, exchange.state
-        token = enter_state(state)
-        retry: Exception | None = None
-        try:
-            await self.app(scope, exchange.receive, exchange.send)
-        except _RetryRequest as signal:
-            retry = signal.cause
-        except Exception as exc:
-            if state.entries:
-                state.raised = True
-                await run_to_completion(state.finish, None)
-            if exchange.started:
-                raise
-            if exchange.may_retry(exc):
-                retry = exc
-            else:
-                problem = self.registry.error_mapper(exc)
-                if problem is None:
-                    raise
-                maker = state.entries[0].maker if state.entries else None
-                log_mapped(
-                    problem,
-                    exc,
-                    method=scope.get("method", ""),
-                    path=scope.get("path", ""),
-                    database=maker.name if maker is not None else "?",
-                )
-                await _send_problem(exchange._send, problem)
-        finally:
-            if state.entries:
-                await exchange.close_all(retrying=retry is not None)
-            reset_state(token)
-        if retry is None:
-            return None
+        if state.entries:
+            state.raised = True
+            await run_to_completion(state.finish, None)
+        if exchange.started:
+            raise exc
+        if exchange.may_retry(exc):
+            return exc
+        problem = self.registry.error_mapper(exc)
+        if problem is None:
+            raise exc
+        maker = state.entries[0].maker if state.entries else None
+        log_mapped(
+            problem,
+            exc,
+            method=scope.get("method", ""),
+            path=scope.get("path", ""),
+            database=maker.name if maker is not None else "?",
+        )
+        await _send_problem(exchange._send, problem)
+        return None
+
+    async def _again(self, exchange: _Exchange, retry: Exception) -> _Exchange:
+        """The next attempt of a request whose transaction hit a retryable failure, after a pause."""
+        state = exchange.state
         database = state.entries[0].maker.name if state.entries else "?"
         delay = next_delay(retry, exchange.attempt, state.retries + 1, database)  # logs the retry
         if delay is None:  # pragma: no cover - may_retry() said yes

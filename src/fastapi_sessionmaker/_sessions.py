@@ -52,6 +52,7 @@ __all__ = [
     "compose",
     "compose_async",
     "discarded_changes",
+    "is_busy",
     "is_closed",
     "mark_closed",
     "mark_response_started",
@@ -372,6 +373,12 @@ def checked_session_class(cls: Any, *, is_async: bool) -> type[Any]:
     raise ConfigurationError(
         f"{maker}(session_class={cls!r}): give a subclass of {wanted.__module__}.{wanted.__name__}"
     )
+
+
+def is_busy(session: Any) -> bool:
+    """Whether another task is running an operation on ``session`` (a :class:`SerialAsyncSession`):
+    a plain check, so that an idle session is ended without awaiting anything first."""
+    return getattr(session, "_fsm_running", None) is not None
 
 
 def sync_of(session: Any) -> Session:

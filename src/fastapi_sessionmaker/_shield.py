@@ -26,16 +26,29 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+class _Unstoppable(asyncio.Task):  # type: ignore[type-arg]
+    """A task that refuses ``cancel()``: the cleanup it runs ends as it would without one.
+
+    A task awaiting it that is cancelled meanwhile asks it to cancel too, is refused, and so
+    keeps waiting; asyncio then delivers that task's cancellation when this one is done. That is
+    ``asyncio.shield`` without its second future and the two loop turns it costs on every
+    request.
+    """
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 if sys.version_info >= (3, 12):
 
     def _start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         """A task that runs ``coro`` at once up to its first wait (one loop turn saved)."""
-        return asyncio.Task(coro, loop=loop, eager_start=True)
+        return _Unstoppable(coro, loop=loop, eager_start=True)
 
 else:
 
     def _start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        return loop.create_task(coro)
+        return _Unstoppable(coro, loop=loop)
 
 
 async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
@@ -44,8 +57,9 @@ async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *a
     ``anyio.CancelScope(shield=True)`` stops anyio's cancel scopes but not a plain asyncio
     ``task.cancel()`` (``asyncio.timeout``, ``wait_for``, a server cancelling its tasks): a second
     cancellation would interrupt a commit or a rollback halfway. On asyncio the work runs in a task
-    of its own that cancellation cannot reach; a cancellation received meanwhile is re-raised once
-    the work is done, so the caller never returns before its cleanup finished.
+    of its own that refuses cancellation (:class:`_Unstoppable`); a cancellation received
+    meanwhile is re-raised once the work is done, so the caller never returns before its cleanup
+    finished.
     """
     loop = _asyncio_loop()
     if loop is None:
@@ -53,25 +67,16 @@ async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *a
             result = await function(*args)
         return result
     task = _start(loop, function(*args))
-    if task.done():  # finished without waiting (Python >= 3.12 starts it eagerly): no shield needed
+    if task.done():  # finished without waiting (Python >= 3.12 starts it eagerly): no task switch
         return task.result()
     try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError as exc:
-        if task.done() and task.cancelled():
+        return await task
+    except asyncio.CancelledError:
+        if not task.done():  # pragma: no cover - asyncio delivers it only once the task is done
             raise
-        cancelled = exc
-    with anyio.CancelScope(shield=True):  # no re-delivery by anyio while we wait
-        while not task.done():
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError as exc:
-                if task.done() and task.cancelled():
-                    raise
-                cancelled = exc
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("cleanup failed while the request was cancelled", exc_info=task.exception())
-    raise cancelled
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("cleanup failed while the request was cancelled", exc_info=task.exception())
+        raise
 
 
 async def poll_receive(receive: Receive) -> Message | None:
@@ -94,7 +99,7 @@ async def poll_receive(receive: Receive) -> Message | None:
     def interrupt() -> None:
         nonlocal fired
         fired = True
-        task.cancel()
+        asyncio.Task.cancel(task)  # the base method: it interrupts an _Unstoppable task too
 
     handle = loop.call_soon(interrupt)
     try:

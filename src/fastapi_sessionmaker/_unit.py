@@ -28,7 +28,7 @@ from fastapi_sessionmaker._base import Limiter
 from fastapi_sessionmaker._engines import pool_capacity
 from fastapi_sessionmaker._oncommit import run_async, run_sync, settle
 from fastapi_sessionmaker._policy import CommitPolicy
-from fastapi_sessionmaker._sessions import SerialAsyncSession, compose, mark_closed, try_lock, unlock
+from fastapi_sessionmaker._sessions import compose, is_busy, mark_closed, try_lock, unlock
 from fastapi_sessionmaker._shield import run_to_completion
 
 if TYPE_CHECKING:
@@ -218,11 +218,6 @@ class SyncLifecycle:
 
 
 # -- async --------------------------------------------------------------------------------------
-async def _idle(session: AsyncSession) -> None:
-    if isinstance(session, SerialAsyncSession):
-        await session.wait_idle()  # a task still running on the session: let it end first
-
-
 class AsyncLifecycle:
     """The transactions of an :class:`~fastapi_sessionmaker.AsyncFastAPISessionMaker`.
 
@@ -257,7 +252,8 @@ class AsyncLifecycle:
 
     async def end(self, session: AsyncSession, commit: bool) -> None:
         """Commit or roll back; a failed commit is rolled back, then re-raised unchanged."""
-        await _idle(session)
+        if is_busy(session):  # a task still running on the session: let it end first
+            await session.wait_idle()  # type: ignore[attr-defined]
         if not session.in_transaction():
             return
         if not commit:
@@ -271,7 +267,8 @@ class AsyncLifecycle:
 
     async def close(self, session: AsyncSession) -> None:
         """Close the session; without a transaction no I/O (and no greenlet) is needed."""
-        await _idle(session)
+        if is_busy(session):
+            await session.wait_idle()  # type: ignore[attr-defined]
         try:
             if session.in_transaction():
                 await session.close()

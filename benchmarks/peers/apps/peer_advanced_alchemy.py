@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from _common import ASYNC_URL, POOL_SIZE, POOL_TIMEOUT, Item, ItemIn, ItemOut
+from _common import ASYNC_URL, MAX_OVERFLOW, POOL_SIZE, POOL_TIMEOUT, Item, ItemIn, ItemOut
 from advanced_alchemy.extensions.fastapi import (
     AdvancedAlchemy,
     AsyncSessionConfig,
@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 config = SQLAlchemyAsyncConfig(
     connection_string=ASYNC_URL,
     commit_mode="autocommit",
-    engine_config=EngineConfig(pool_size=POOL_SIZE, max_overflow=0, pool_timeout=POOL_TIMEOUT),
+    engine_config=EngineConfig(pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_timeout=POOL_TIMEOUT),
     session_config=AsyncSessionConfig(expire_on_commit=False),
 )
 app = FastAPI()

@@ -10,14 +10,14 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from _common import POOL_SIZE, POOL_TIMEOUT, SYNC_URL, ItemIn, ItemOut
+from _common import MAX_OVERFLOW, POOL_SIZE, POOL_TIMEOUT, SYNC_URL, ItemIn, ItemOut
 
 # fastapi-sqla reads lower-case ``sqlalchemy_*`` variables (its documented configuration).
 os.environ.update(
     {
         "sqlalchemy_url": SYNC_URL,
         "sqlalchemy_pool_size": str(POOL_SIZE),
-        "sqlalchemy_max_overflow": "0",
+        "sqlalchemy_max_overflow": str(MAX_OVERFLOW),
         "sqlalchemy_pool_timeout": str(int(POOL_TIMEOUT)),
     }
 )

@@ -1,0 +1,105 @@
+"""The guard's fast paths (issue 14) keep every guarantee: commits with a client that stays
+connected on a server that is polled (not uvicorn), a cancellation arriving during a commit that
+runs in its own task, and endpoints without a session untouched."""
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Scope
+
+from fastapi_sessionmaker import AsyncFastAPISessionMaker, _compat
+from tests.conftest import Maker, checked_out, pool_of
+from tests.models import User, reset_tables, stored_emails
+
+DEADLINE = 5.0
+
+
+class NewUser(BaseModel):
+    email: str
+
+
+async def _request(app: ASGIApp, method: str, path: str, body: bytes, sent: list[Message]) -> None:
+    """One request as a server other than uvicorn makes it: ``receive`` waits until the response
+    is complete (the client stays), so the guard must poll it without waiting."""
+    requested = False
+    complete = asyncio.Event()
+    # A guard that waited on receive would wait forever (a commit cannot be cancelled): after
+    # DEADLINE the client leaves instead, and the request fails its assertions rather than hang.
+    asyncio.get_running_loop().call_later(DEADLINE, complete.set)
+
+    async def receive() -> Message:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await complete.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            complete.set()
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"test"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    assert _compat.server_disconnected(receive) is None  # not uvicorn: the poll path
+    await app(scope, receive, send)
+
+
+def test_a_commit_with_the_client_still_there_is_polled_without_waiting(
+    maker: Maker, sync_engine: sa.Engine
+) -> None:
+    """The disconnect check runs inside the commit's own task: it must still not wait on receive
+    (the app read the body, so the server has nothing ready until the response is complete)."""
+    reset_tables(sync_engine)
+    app = FastAPI()
+    maker.init_app(app)
+    Session = Annotated[Any, maker.dependency]
+
+    if maker.is_async:
+
+        @app.post("/write")
+        async def write_async(data: NewUser, session: Session) -> dict[str, bool]:
+            session.add(User(email=data.email))
+            await session.flush()
+            return {"ok": True}
+    else:
+
+        @app.post("/write")
+        def write_sync(data: NewUser, session: Session) -> dict[str, bool]:
+            session.add(User(email=data.email))
+            session.flush()
+            return {"ok": True}
+
+    async def scenario() -> list[Message]:
+        sent: list[Message] = []
+        try:
+            started = time.monotonic()
+            await _request(app, "POST", "/write", b'{"email": "stays@x"}', sent)
+            assert time.monotonic() - started < DEADLINE
+            assert checked_out(pool_of(maker)) == 0
+        finally:
+            if isinstance(maker, AsyncFastAPISessionMaker):
+                await maker.dispose()  # on this loop, which its connections belong to
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert sent[0]["type"] == "http.response.start"
+    assert sent[0]["status"] == 200
+    assert stored_emails(sync_engine) == ["stays@x"]
