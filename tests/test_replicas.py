@@ -89,15 +89,31 @@ def replayed_everything(port: int) -> bool:
 
 @pytest.fixture(scope="session")
 def rig() -> Iterator[None]:
-    """The standby rig is up; this run's database exists on the primary and both standbys."""
-    try:
-        for port in (PRIMARY_PORT, *PORTS):
-            scalar(port, "SELECT 1", "postgres")
-    except sa.exc.OperationalError as exc:
-        message = f"the standby rig is not running ({str(exc).splitlines()[0]}): run scripts/standby start"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: a missing server is a failure)")
-        pytest.skip(message)
+    """The standby rig is up; this run's database exists on the primary and both standbys.
+
+    Looked at under the shared lock: another xdist worker's exclusive test may have a standby
+    stopped right now, and puts it back before it lets go."""
+    with rig_lock(False):
+        try:
+            for port in (PRIMARY_PORT, *PORTS):
+                scalar(port, "SELECT 1", "postgres")
+        except sa.exc.OperationalError as exc:
+            message = (
+                f"the standby rig is not running ({str(exc).splitlines()[0]}): run scripts/standby start"
+            )
+            if IN_CI:
+                pytest.fail(message + " (CI=true: a missing server is a failure)")
+            pytest.skip(message)
+        set_up_databases()
+    yield
+    engine = admin(PRIMARY_PORT, "postgres")
+    with engine.connect() as connection:
+        connection.execute(sa.text(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)"))
+    engine.dispose()
+
+
+def set_up_databases() -> None:
+    """This run's database on the primary (stale ones of dead runs dropped), replayed by both standbys."""
     engine = admin(PRIMARY_PORT, "postgres")
     with engine.connect() as connection:
         stale = "SELECT datname FROM pg_database WHERE datname LIKE 'fsm\\_%'"
@@ -108,12 +124,9 @@ def rig() -> Iterator[None]:
         connection.execute(sa.text(f"CREATE DATABASE {NAME}"))
     with admin(PRIMARY_PORT).connect() as connection:
         connection.execute(sa.text("CREATE TABLE items (id serial PRIMARY KEY, key text UNIQUE, n int)"))
+    engine.dispose()
     for port in PORTS:
         wait_until(functools.partial(replayed_everything, port), f"standby {port} to replay the set-up")
-    yield
-    with engine.connect() as connection:
-        connection.execute(sa.text(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)"))
-    engine.dispose()
 
 
 @contextlib.contextmanager
