@@ -386,6 +386,23 @@ def test_writes_in_a_replica_session_fail_before_any_sql_is_sent(drive: Driver, 
     assert "read-only transaction" in problem.detail
 
 
+def test_a_check_that_looked_before_a_read_found_the_replica_down_does_not_revive_it(
+    drive: Driver, shared: None
+) -> None:
+    """The race behind a stopped standby: a background check reads the replica's status while it is
+    up, a read then finds it down, and the check's healthy verdict arrives last. The read wins."""
+    maker = drive.maker(replica_check_interval=60)
+    assert maker.replicas is not None
+    replica = maker.replicas.replicas[1]
+    looked_at = time.monotonic()  # the check's status row was read here, while the replica was up
+    maker.replicas.failed(replica, ConnectionRefusedError("the standby stopped"))
+    assert not replica.healthy
+    maker.replicas._judge(replica, (True, "0/0"), 0, looked_at)
+    assert not replica.healthy, "a check that started before the failed read marked the replica healthy"
+    maker.replicas._judge(replica, (True, "0/0"), 0, time.monotonic())  # a later check may
+    assert replica.healthy
+
+
 # -- the lag bound --------------------------------------------------------------------------------
 def test_a_lagging_replica_is_skipped_until_it_catches_up(drive: Driver, exclusive: None) -> None:
     maker = drive.maker(replica_max_lag=64 * 1024, replica_check_interval=0.1)

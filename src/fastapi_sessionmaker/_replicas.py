@@ -127,6 +127,7 @@ class Replica:
         self.reason: str | None = None
         self.lag: int | None = None
         self.checked_at: float | None = None
+        self.failed_at = float("-inf")  # time.monotonic() of the last read that found it down
 
     def describe(self) -> str:
         """``replica <n> (<URL without secrets>)`` for logs."""
@@ -232,6 +233,7 @@ class ReplicaSet:
     def failed(self, replica: Replica, exc: BaseException) -> None:
         """A read on ``replica`` failed with ``exc`` and runs again elsewhere; skip it if it is down."""
         if is_connection_error(exc):
+            replica.failed_at = time.monotonic()  # a check that looked before this cannot undo it
             self._mark(replica, False, f"down: {type(exc).__name__}")
         logger.warning(
             "read on %s of database %r failed (%s, code %s): running it again on another server",
@@ -283,7 +285,9 @@ class ReplicaSet:
         finally:
             self._checking.release()
 
-    def _judge(self, replica: Replica, row: Any, primary: int | None) -> None:
+    def _judge(self, replica: Replica, row: Any, primary: int | None, looked_at: float) -> None:
+        """Mark ``replica`` by its status ``row``, read at ``looked_at`` (``time.monotonic()``); a
+        read that found it down after that moment wins over a healthy verdict."""
         replica.checked_at = time.time()
         in_recovery, replay = row
         if not in_recovery:
@@ -297,6 +301,8 @@ class ReplicaSet:
         replica.lag = None if primary is None else max(0, primary - parse_position(replay))
         if self.max_lag is not None and replica.lag is not None and replica.lag > self.max_lag:
             self._mark(replica, False, f"lags {replica.lag} bytes behind the primary (max {self.max_lag})")
+            return
+        if replica.failed_at > looked_at:  # it went down while this check was running
             return
         self._mark(replica, True, None)
 
@@ -318,23 +324,25 @@ class ReplicaSet:
         await self._acheck_all()
 
     def _check_all(self) -> None:
-        rows: list[tuple[Replica, Any]] = []
+        rows: list[tuple[Replica, Any, float]] = []
         for replica in self.replicas:  # replicas first: the lag measured is never too small
+            looked_at = time.monotonic()
             try:
                 with self.engine_of(replica).connect() as connection:
-                    rows.append((replica, connection.exec_driver_sql(_STATUS).one()))
+                    rows.append((replica, connection.exec_driver_sql(_STATUS).one(), looked_at))
             except (sa.exc.DBAPIError, OSError) as exc:
                 self._down(replica, exc)
         primary = self._primary_lsn(lambda: self._scalar_sync(self._primary(), _PRIMARY_POSITION))
-        for replica, row in rows:
-            self._judge(replica, row, primary)
+        for replica, row, looked_at in rows:
+            self._judge(replica, row, primary, looked_at)
 
     async def _acheck_all(self) -> None:
-        rows: list[tuple[Replica, Any]] = []
+        rows: list[tuple[Replica, Any, float]] = []
         for replica in self.replicas:
+            looked_at = time.monotonic()
             try:
                 async with self.engine_of(replica).connect() as connection:
-                    rows.append((replica, (await connection.exec_driver_sql(_STATUS)).one()))
+                    rows.append((replica, (await connection.exec_driver_sql(_STATUS)).one(), looked_at))
             except (sa.exc.DBAPIError, OSError) as exc:
                 self._down(replica, exc)
         try:
@@ -342,8 +350,8 @@ class ReplicaSet:
             primary = None if text is None else parse_position(text)
         except (sa.exc.DBAPIError, OSError) as exc:
             primary = self._no_primary(exc)
-        for replica, row in rows:
-            self._judge(replica, row, primary)
+        for replica, row, looked_at in rows:
+            self._judge(replica, row, primary, looked_at)
 
     def _primary_lsn(self, read: Callable[[], str | None]) -> int | None:
         try:
