@@ -2,33 +2,7 @@
 
 from __future__ import annotations
 
-from _common import ASYNC_URL, ENGINE_OPTIONS, Item, ItemIn, ItemOut
 from _observed import traced
-from fastapi import FastAPI, HTTPException
+from self_async import build
 
-from fastapi_sessionmaker import AsyncDBSession, AsyncFastAPISessionMaker
-
-db = AsyncFastAPISessionMaker(ASYNC_URL, engine_options=ENGINE_OPTIONS, **traced())
-app = FastAPI()
-db.init_app(app)
-
-
-@app.get("/items/{item_id}")
-async def read_item(item_id: int, session: AsyncDBSession) -> ItemOut:
-    item = await session.get(Item, item_id)
-    if item is None:
-        raise HTTPException(404)
-    return ItemOut.model_validate(item)
-
-
-@app.post("/items")
-async def create_item(data: ItemIn, session: AsyncDBSession) -> ItemOut:
-    item = Item(name=data.name, value=data.value)
-    session.add(item)
-    await session.flush()
-    return ItemOut.model_validate(item)
-
-
-@app.get("/ping")
-async def ping() -> dict[str, bool]:
-    return {"ok": True}
+db, app = build(**traced())

@@ -2,33 +2,7 @@
 
 from __future__ import annotations
 
-from _common import ENGINE_OPTIONS, SYNC_URL, Item, ItemIn, ItemOut
 from _observed import traced
-from fastapi import FastAPI, HTTPException
+from self_sync import build
 
-from fastapi_sessionmaker import DBSession, FastAPISessionMaker
-
-db = FastAPISessionMaker(SYNC_URL, engine_options=ENGINE_OPTIONS, **traced())
-app = FastAPI()
-db.init_app(app)
-
-
-@app.get("/items/{item_id}")
-def read_item(item_id: int, session: DBSession) -> ItemOut:
-    item = session.get(Item, item_id)
-    if item is None:
-        raise HTTPException(404)
-    return ItemOut.model_validate(item)
-
-
-@app.post("/items")
-def create_item(data: ItemIn, session: DBSession) -> ItemOut:
-    item = Item(name=data.name, value=data.value)
-    session.add(item)
-    session.flush()
-    return ItemOut.model_validate(item)
-
-
-@app.get("/ping")
-async def ping() -> dict[str, bool]:
-    return {"ok": True}
+db, app = build(**traced())
