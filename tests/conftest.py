@@ -44,6 +44,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def drop_database(backend: str, name: str) -> None:
+    """Drop the database ``name`` on the ``backend`` server (its sessions ended first); best effort."""
+    admin = sa.create_engine(SERVERS[backend], isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    try:
+        with admin.connect() as connection:
+            if backend == "postgresql":
+                connection.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :name AND pid <> pg_backend_pid()"
+                    ),
+                    {"name": name},
+                )
+            connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
+    except sa.exc.DBAPIError:  # pragma: no cover - best effort at exit
+        pass
+    finally:
+        admin.dispose()
+
+
 class Databases:
     """Creates one database per backend for this process, lazily; drops them at the end."""
 
@@ -101,24 +121,8 @@ class Databases:
 
     def drop_all(self) -> None:
         for backend in self.urls:
-            if backend == "sqlite":
-                continue
-            admin = sa.create_engine(SERVERS[backend], isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-            try:
-                with admin.connect() as connection:
-                    if backend == "postgresql":
-                        connection.execute(
-                            sa.text(
-                                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                "WHERE datname = :name AND pid <> pg_backend_pid()"
-                            ),
-                            {"name": self.name},
-                        )
-                    connection.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name}"))
-            except sa.exc.DBAPIError:  # pragma: no cover - best effort at exit
-                pass
-            finally:
-                admin.dispose()
+            if backend != "sqlite":
+                drop_database(backend, self.name)
 
 
 @pytest.fixture(scope="session")

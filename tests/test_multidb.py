@@ -27,7 +27,7 @@ from fastapi_sessionmaker import (
     FastAPISessionMaker,
     health_router,
 )
-from tests.conftest import SERVERS, Databases, Maker, checked_out, pool_of, wait_until
+from tests.conftest import SERVERS, Databases, Maker, checked_out, drop_database, pool_of, wait_until
 
 SECRET = "s3cr3t-multi-pw"
 REPORTS = f"fsm_{os.getpid()}_reports"
@@ -58,24 +58,8 @@ class SecondDatabases:
 
     def drop_all(self) -> None:
         for backend in self.urls:
-            if backend == "sqlite":
-                continue
-            admin = sa.create_engine(SERVERS[backend], isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-            try:
-                with admin.connect() as connection:
-                    if backend == "postgresql":
-                        connection.execute(
-                            sa.text(
-                                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                "WHERE datname = :name AND pid <> pg_backend_pid()"
-                            ),
-                            {"name": REPORTS},
-                        )
-                    connection.execute(sa.text(f"DROP DATABASE IF EXISTS {REPORTS}"))
-            except sa.exc.DBAPIError:  # pragma: no cover - best effort at exit
-                pass
-            finally:
-                admin.dispose()
+            if backend != "sqlite":
+                drop_database(backend, REPORTS)
 
 
 @pytest.fixture(scope="session")
