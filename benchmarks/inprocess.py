@@ -67,9 +67,11 @@ from harness import (
 Message = dict[str, Any]
 
 
-async def call(app: Any, method: str, path: str, body: bytes = b"") -> int:
-    """One HTTP request through ``app`` as uvicorn would make it; the response status."""
-    headers = [(b"host", b"127.0.0.1:8000")]
+async def call(
+    app: Any, method: str, path: str, body: bytes = b"", extra: list[tuple[bytes, bytes]] | None = None
+) -> int:
+    """One HTTP request through ``app`` as uvicorn would make it (``extra`` headers too); its status."""
+    headers = [(b"host", b"127.0.0.1:8000"), *(extra or [])]
     if body:
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     scope = {

@@ -28,9 +28,11 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-from starlette.types import Message
 
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from inprocess import call
 
 PRIMARY = "postgresql://postgres@127.0.0.1:5440/test"
 REPLICAS = ["postgresql://postgres@127.0.0.1:5441/test", "postgresql://postgres@127.0.0.1:5442/test"]
@@ -84,52 +86,12 @@ def app_for(maker: Any) -> FastAPI:
     return app
 
 
-async def call(app: Any, path: str, headers: list[tuple[bytes, bytes]]) -> int:
-    """One GET through ``app`` as uvicorn would make it; the response status."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1:8000"), *headers],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
-    complete = asyncio.Event()
-    delivered = False
-    status = 0
-
-    async def receive() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await complete.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body" and not message.get("more_body"):
-            complete.set()
-
-    await app(scope, receive, send)
-    return status
-
-
 async def cell(app: Any, requests: int, headers: list[tuple[bytes, bytes]]) -> float:
     """Median wall µs per request over ``requests`` sequential requests."""
     times = []
     for n in range(requests):
         started = time.perf_counter()
-        status = await call(app, f"/items/{n % ROWS + 1}", headers)
+        status = await call(app, "GET", f"/items/{n % ROWS + 1}", extra=headers)
         times.append(time.perf_counter() - started)
         assert status == 200, status
     return statistics.median(times) * 1e6
