@@ -7,6 +7,7 @@ bounded.
 """
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
@@ -14,11 +15,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
 
+import anyio
 import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, WebSocket
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker, NotInstalledError
@@ -91,6 +94,75 @@ def test_a_commit_waiting_for_a_write_lock_never_freezes_the_server(
         assert stored_emails(sync_engine) == ["a@x", "b@x"]
     finally:
         maker.dispose()
+
+
+# -- 1b. more writers than worker threads: the lock holder always gets its thread hop -----------
+class Count(BaseModel):
+    n: int
+
+
+def test_more_writers_on_one_row_than_worker_threads_never_deadlock(
+    database_url: str, sync_engine: sa.Engine, serve: Serve
+) -> None:
+    """12 sync requests update one row with 4 worker threads and a pool of 10.
+
+    Each holds the row lock (SQLite: the write lock) from its UPDATE until the guard commits, after
+    FastAPI validated the response model in another thread hop; a waiting writer holds a thread.
+    Before the fix 10 sessions could be open: 4 writers held every thread, the holder waited for a
+    thread to validate its response, PostgreSQL waited for ever, SQLite and MariaDB until their
+    lock timeouts (503s). Now no more sessions are open than worker threads less one.
+    """
+    with sync_engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE IF EXISTS fsm_counter")
+        connection.exec_driver_sql("CREATE TABLE fsm_counter (id INTEGER PRIMARY KEY, n INTEGER)")
+        connection.exec_driver_sql("INSERT INTO fsm_counter VALUES (1, 0)")
+    # Every lock wait ends after 5 s (PostgreSQL's would last for ever), so a deadlock shows as
+    # 503s and the test stops by itself; the requests pass in well under a second.
+    lock_timeout = {
+        "sqlite": {"timeout": 5},
+        "postgresql": {"options": "-c lock_timeout=5000"},
+        "mysql": {"init_command": "SET innodb_lock_wait_timeout=5"},
+    }
+    connect_args = lock_timeout[sa.make_url(database_url).get_backend_name()]
+    options = {"pool_size": 10, "max_overflow": 0, "pool_timeout": 30, "connect_args": connect_args}
+    maker = FastAPISessionMaker(database_url, engine_options=options)
+
+    @contextlib.asynccontextmanager
+    async def few_threads(app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 4
+        yield
+
+    app = FastAPI(lifespan=few_threads)
+    maker.init_app(app)
+    Db = Annotated[Any, maker.dependency]
+
+    @app.post("/count")
+    def count(session: Db) -> Count:
+        session.execute(sa.text("UPDATE fsm_counter SET n = n + 1 WHERE id = 1"))
+        return Count(n=1)  # validated by FastAPI in a worker thread, the row still locked
+
+    client = serve(app)
+
+    async def main() -> list[int | str]:
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=DEADLINE) as http:
+
+            async def one() -> int | str:
+                try:
+                    return (await http.post("/count")).status_code
+                except httpx.HTTPError as exc:
+                    return type(exc).__name__
+
+            return list(await asyncio.gather(*(one() for _ in range(12))))
+
+    try:
+        statuses = asyncio.run(main())
+        assert statuses == [200] * 12, statuses
+        with sync_engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT n FROM fsm_counter").scalar() == 12
+    finally:
+        maker.dispose()
+        with sync_engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE IF EXISTS fsm_counter")
 
 
 # -- 2. a cancelled sync endpoint keeps its session until its statement is done ----------------

@@ -9,6 +9,7 @@ import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import anyio
 import sqlalchemy as sa
 from fastapi import Depends
 from sqlalchemy.engine import URL
@@ -47,15 +48,31 @@ class Limiter:
     worker thread blocked on the pool: the threads that hold connections can always get the
     thread hops they need to give them back, so the pool cannot deadlock. One semaphore per event
     loop (test clients start a loop per request).
+
+    With ``threads=True`` (sync request sessions) the semaphore is also kept below the event loop's
+    worker-thread count (anyio's default limiter, read when the loop first asks): every request
+    session can hold a thread while it waits on a database lock (a SQLite writer, a row lock), and
+    the session holding that lock still needs a thread hop to commit it. With as many sessions as
+    threads, the holder would wait for a thread that waits for it, until the database's lock
+    timeout.
     """
 
-    __slots__ = ("_semaphores", "capacity", "timeout")
+    __slots__ = ("_semaphores", "capacity", "threads", "timeout")
 
-    def __init__(self, capacity: int, timeout: float) -> None:
+    def __init__(self, capacity: int | None, timeout: float, *, threads: bool = False) -> None:
         self.capacity = capacity
         self.timeout = timeout
+        self.threads = threads
         self._semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
         self._semaphores = weakref.WeakKeyDictionary()
+
+    def size(self) -> int:
+        """How many sessions may be open at once on the running event loop."""
+        if not self.threads:
+            assert self.capacity is not None
+            return self.capacity
+        spare = max(1, int(anyio.to_thread.current_default_thread_limiter().total_tokens) - 1)
+        return spare if self.capacity is None else min(self.capacity, spare)
 
     async def acquire(self) -> asyncio.Semaphore:
         """Wait for a free slot; ``sqlalchemy.exc.TimeoutError`` after ``pool_timeout`` seconds.
@@ -65,7 +82,7 @@ class Limiter:
         loop = asyncio.get_running_loop()
         semaphore = self._semaphores.get(loop)
         if semaphore is None:
-            semaphore = self._semaphores.setdefault(loop, asyncio.Semaphore(self.capacity))
+            semaphore = self._semaphores.setdefault(loop, asyncio.Semaphore(self.size()))
         if not semaphore.locked():
             await semaphore.acquire()
             return semaphore
@@ -73,10 +90,19 @@ class Limiter:
             await asyncio.wait_for(semaphore.acquire(), self.timeout)
         except asyncio.TimeoutError:
             raise sa.exc.TimeoutError(
-                f"no database connection became free within {self.timeout:g} s "
-                f"(pool capacity {self.capacity})"
+                f"no database connection became free within {self.timeout:g} s ({self._describe()})"
             ) from None
         return semaphore
+
+    def _describe(self) -> str:
+        if not self.threads:
+            return f"pool capacity {self.capacity}"
+        threads = int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+        pool = "no pool limit" if self.capacity is None else f"pool capacity {self.capacity}"
+        return (
+            f"{self.size()} request sessions at once: {pool}, {threads} worker threads "
+            "(anyio.to_thread.current_default_thread_limiter().total_tokens) less one"
+        )
 
 
 EngineT = TypeVar("EngineT")

@@ -177,14 +177,15 @@ class SyncLifecycle:
         return cls(**{**factory.kw, "close_resets_only": False})
 
     def limiter(self) -> Limiter | None:
-        """A slot per pooled connection, taken on the event loop before the worker thread."""
+        """A slot per pooled connection and worker thread, taken on the event loop before the thread."""
         slot = self.slot
         if slot.joined is not None:
             return slot.joined
         if not slot.ready:
             engine = self.maker.cached_engine
             capacity = pool_capacity(engine)
-            slot.limiter = Limiter(capacity, _compat.pool_timeout(engine.pool)) if capacity else None
+            # Also below the worker-thread count, pool limit or not (see Limiter).
+            slot.limiter = Limiter(capacity, _compat.pool_timeout(engine.pool), threads=True)
             slot.ready = True
         return slot.limiter
 
