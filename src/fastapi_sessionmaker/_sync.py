@@ -19,6 +19,7 @@ from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._retry import run_sync
 from fastapi_sessionmaker._sessions import ReadOnlySession
+from fastapi_sessionmaker._sqlite import install_writer_queue
 from fastapi_sessionmaker._unit import SyncLifecycle, sync_unit
 from fastapi_sessionmaker._urls import missing_driver, scrub, unknown_driver
 from fastapi_sessionmaker.exceptions import DatabaseUnavailableError
@@ -34,9 +35,9 @@ T = TypeVar("T")
 def create_checked_engine(
     url: sa.URL, kwargs: dict[str, Any], variable: str, *, sqlite_foreign_keys: bool = True
 ) -> sa.Engine:
-    """``create_engine`` with our liveness check and SQLite foreign keys on; a one-line
-    :class:`ConfigurationError` naming ``variable`` (never the URL) for a driver SQLAlchemy does
-    not know or cannot import."""
+    """``create_engine`` with our liveness check, SQLite foreign keys on and SQLite writers taking
+    turns per file (:func:`install_writer_queue`); a one-line :class:`ConfigurationError` naming
+    ``variable`` (never the URL) for a driver SQLAlchemy does not know or cannot import."""
     try:
         engine = sa.create_engine(url, **kwargs)
     except sa.exc.NoSuchModuleError:
@@ -46,6 +47,7 @@ def create_checked_engine(
     install_liveness_check(engine, kwargs)
     if sqlite_foreign_keys:
         enforce_sqlite_foreign_keys(engine)
+    install_writer_queue(engine, kwargs.get("connect_args"))
     return fork_safe(engine)
 
 

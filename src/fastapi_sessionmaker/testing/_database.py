@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool, QueuePool
 
 from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys, engine_kwargs
+from fastapi_sessionmaker._sqlite import install_writer_queue
 from fastapi_sessionmaker._urls import render_url, resolve_url
 from fastapi_sessionmaker.exceptions import ConfigurationError
 
@@ -168,6 +169,7 @@ class TestDatabase:
             kwargs.update(poolclass=QueuePool, connect_args={"check_same_thread": False})
         engine = sa.create_engine(self.url, **kwargs)
         enforce_sqlite_foreign_keys(engine)  # as the app's makers do
+        install_writer_queue(engine, kwargs.get("connect_args"))  # as well
         if self.backend == "sqlite":
             sqlite_savepoints(engine)
             if self.path is None:

@@ -1,0 +1,357 @@
+"""SQLite specifics: one writer at a time per database file in this process.
+
+SQLite lets one connection write at a time; the others wait in its busy handler, which polls with
+sleeps of up to 100 ms and is not fair. A request session that flushed holds the write lock across
+the worker-thread hops that follow (FastAPI's response validation, our commit), and 31 writers
+polling meanwhile can make the holder's own ``COMMIT`` wait for seconds. So every sync engine this
+package creates on a SQLite *file* (pysqlite) gets a :class:`WriterQueue` shared by every engine of
+the process on the same file: before a connection's first writing statement it waits its turn
+there (first come, first served; the wait releases the GIL), and it gives the turn back as soon
+as it is no longer in a transaction.
+
+What it never does: make a read wait; raise on its own (a wait longer than the connection's busy
+timeout proceeds without the turn, and SQLite's busy handler and the driver's own error decide, as
+without the queue); block an event loop (aiosqlite engines get no queue); touch ``:memory:``
+databases (one connection anyway). It is in-process only: several worker processes on one file
+still meet SQLite's busy handler.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import os
+import re
+import sqlite3
+import threading
+import urllib.parse
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import StaticPool
+
+__all__ = ["WriterQueue", "database_file", "install_writer_queue", "writer_queue_of"]
+
+DEFAULT_BUSY_TIMEOUT = 5.0  # pysqlite's default ``timeout`` connect argument, in seconds
+
+_READ, _WRITE, _BEGIN, _WITH = 0, 1, 2, 3
+_WRITE_WORDS = frozenset(
+    {"INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER", "VACUUM", "REINDEX", "ANALYZE"}
+)
+# Leading whitespace and SQL comments, then the first two words.
+_LEADING = re.compile(r"(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?(?:\*/|\Z))*([A-Za-z]+)(?:\s+([A-Za-z]+))?", re.S)
+_DML = re.compile(r"\b(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.I)
+_PREFIX = 200  # characters enough to classify every statement but a ``WITH ...``
+
+
+@functools.lru_cache(maxsize=1024)
+def _prefix_kind(prefix: str) -> int:
+    match = _LEADING.match(prefix)
+    if match is None:
+        return _READ
+    first = match.group(1).upper()
+    if first in _WRITE_WORDS:
+        return _WRITE
+    if first == "BEGIN":
+        second = (match.group(2) or "").upper()
+        return _WRITE if second in ("IMMEDIATE", "EXCLUSIVE") else _BEGIN
+    if first == "SAVEPOINT":  # outside a transaction it starts one, deferred like BEGIN
+        return _BEGIN
+    if first == "WITH":
+        return _WITH
+    return _READ
+
+
+def statement_kind(statement: str) -> int:
+    """0 (a read), 1 (a write), 2 (a deferred ``BEGIN`` / ``SAVEPOINT``) for the SQL ``statement``.
+
+    Writes are ``INSERT``, ``UPDATE``, ``DELETE``, ``REPLACE`` (and their upsert forms), DDL,
+    ``VACUUM`` / ``REINDEX`` / ``ANALYZE``, ``BEGIN IMMEDIATE`` / ``EXCLUSIVE``, and a ``WITH ...``
+    that contains one of the DML words; leading whitespace and comments are skipped.
+
+    Example:
+        >>> statement_kind("/* x */ INSERT INTO t VALUES (1)"), statement_kind("SELECT 1")
+        (1, 0)
+    """
+    kind = _prefix_kind(statement[:_PREFIX])
+    if kind == _WITH:
+        return _WRITE if _DML.search(statement) else _READ
+    return kind
+
+
+def _in_transaction(dbapi_connection: Any) -> bool:
+    try:
+        return bool(dbapi_connection.in_transaction)
+    except sqlite3.Error:  # closed
+        return False
+
+
+def _raw(connection: Any) -> Any:
+    """The DBAPI connection under a pool's proxy (the dialect's methods get either)."""
+    return getattr(connection, "dbapi_connection", connection)
+
+
+class WriterQueue:
+    """The write turn of one SQLite database file in this process, held by one DBAPI connection.
+
+    First come, first served: :meth:`release` hands the turn to the longest waiter. Ownership
+    belongs to a DBAPI connection, not a thread (a request session writes in one worker thread
+    and commits in another).
+
+    Example:
+        >>> queue = WriterQueue("/tmp/example.db")
+        >>> first, second = object(), object()
+        >>> queue.acquire(first, timeout=1.0), queue.acquire(second, timeout=0.0)
+        (True, False)
+        >>> queue.release(first)
+        >>> queue.acquire(second, timeout=0.0)
+        True
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._reset()
+
+    def _reset(self) -> None:
+        self._mutex = threading.Lock()
+        self._owner: Any = None
+        self._waiters: collections.deque[tuple[threading.Lock, Any]] = collections.deque()
+        # id()s of connections in a transaction they began with a deferred BEGIN and nothing since:
+        # they hold no SQLite lock yet, so waiting for the turn cannot deadlock with its owner.
+        self._fresh: set[int] = set()
+
+    @property
+    def owner(self) -> Any:
+        """The DBAPI connection that holds the turn, or None."""
+        return self._owner
+
+    def acquire(self, connection: Any, timeout: float) -> bool:
+        """Take the turn for ``connection``, waiting at most ``timeout`` seconds; False if not.
+
+        True at once when ``connection`` already holds it.
+        """
+        with self._mutex:
+            if self._owner is connection:
+                return True
+            if self._owner is None and not self._waiters:
+                self._owner = connection
+                return True
+            if timeout <= 0:
+                return False
+            waiter = threading.Lock()
+            waiter.acquire()
+            entry = (waiter, connection)
+            self._waiters.append(entry)
+        waiter.acquire(timeout=timeout)  # released by release() when the turn is handed over
+        with self._mutex:
+            if self._owner is connection:
+                return True
+            self._waiters.remove(entry)  # timed out and not handed over
+            return False
+
+    def release(self, connection: Any) -> None:
+        """Give the turn of ``connection`` to the next waiter (nothing if it does not hold it)."""
+        if self._owner is not connection:  # the common case, without the mutex
+            self._fresh.discard(id(connection))
+            return
+        with self._mutex:
+            self._fresh.discard(id(connection))
+            if self._owner is not connection:
+                return
+            if self._waiters:
+                waiter, self._owner = self._waiters.popleft()
+                waiter.release()
+            else:
+                self._owner = None
+
+    def __repr__(self) -> str:
+        return f"<WriterQueue {self.path!r} owned={self._owner is not None} waiting={len(self._waiters)}>"
+
+
+_queues: weakref.WeakValueDictionary[str, WriterQueue] = weakref.WeakValueDictionary()
+_queues_lock = threading.Lock()
+_installed: weakref.WeakKeyDictionary[sa.Engine, WriterQueue] = weakref.WeakKeyDictionary()
+
+
+def database_file(url: URL) -> str | None:
+    """The resolved absolute path of the SQLite file ``url`` opens; None for an in-memory database.
+
+    Example:
+        >>> import os
+        >>> database_file(sa.make_url("sqlite:////tmp/a.db")) == os.path.realpath("/tmp/a.db")
+        True
+        >>> database_file(sa.make_url("sqlite://")) is None
+        True
+    """
+    database = url.database
+    if not database or database == ":memory:" or url.query.get("mode") == "memory":
+        return None
+    if database.startswith("file:"):  # a URI filename (?uri=true)
+        parts = urllib.parse.urlsplit(database)
+        if "memory" in urllib.parse.parse_qs(parts.query).get("mode", []):
+            return None
+        database = urllib.parse.unquote(parts.path)
+        if not database or database == ":memory:":
+            return None
+    return os.path.realpath(os.path.abspath(database))
+
+
+def _busy_timeout(engine: sa.Engine, connect_args: Mapping[str, Any]) -> float:
+    _, params = engine.dialect.create_connect_args(engine.url)  # the URL's ?timeout=
+    params.update(connect_args)
+    timeout = params.get("timeout", DEFAULT_BUSY_TIMEOUT)
+    try:
+        return max(float(timeout), 0.0)
+    except (TypeError, ValueError):
+        return DEFAULT_BUSY_TIMEOUT
+
+
+def writer_queue_of(engine: sa.Engine) -> WriterQueue | None:
+    """The :class:`WriterQueue` installed on ``engine``, or None."""
+    return _installed.get(engine)
+
+
+def install_writer_queue(
+    engine: sa.Engine, connect_args: Mapping[str, Any] | None = None
+) -> WriterQueue | None:
+    """Make the writers of ``engine`` take turns with every engine of this process on the same file.
+
+    Only for a sync pysqlite engine on a file (not ``:memory:``, not ``StaticPool``); anything
+    else is left as it is and gets None. ``connect_args`` are the ``create_engine`` ones, for the
+    busy timeout (pysqlite's ``timeout``, else the URL's ``?timeout=``, else 5 s): a writer waits
+    that long for its turn, then goes ahead without it. Installing twice is a no-op.
+
+    Example:
+        >>> engine = sa.create_engine("sqlite:///./app.db")
+        >>> queue = install_writer_queue(engine)
+        >>> with engine.begin() as connection:
+        ...     _ = connection.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+        >>> queue.owner is None  # given back when the transaction ended
+        True
+        >>> engine.dispose()
+    """
+    dialect = engine.dialect
+    if dialect.name != "sqlite" or dialect.driver != "pysqlite" or dialect.is_async:
+        return None
+    if isinstance(engine.pool, StaticPool) or engine in _installed:
+        return _installed.get(engine)
+    path = database_file(engine.url)
+    if path is None:
+        return None
+    with _queues_lock:
+        queue = _queues.get(path)
+        if queue is None:
+            queue = _queues[path] = WriterQueue(path)
+    _installed[engine] = queue
+    _listen(engine, queue, _busy_timeout(engine, connect_args or {}))
+    return queue
+
+
+def _listen(engine: sa.Engine, queue: WriterQueue, timeout: float) -> None:
+    def before_cursor_execute(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> tuple[str, Any]:
+        dbapi_connection = cursor.connection
+        if queue._owner is dbapi_connection:
+            return statement, parameters
+        if context is not None and (
+            context.isinsert or context.isupdate or context.isdelete or context.isddl
+        ):
+            kind = _WRITE
+        else:
+            kind = statement_kind(statement)
+        in_transaction = dbapi_connection.in_transaction
+        fresh = queue._fresh
+        key = id(dbapi_connection)
+        # Waiting is safe only while this connection holds no SQLite lock: outside a transaction
+        # (pysqlite's implicit BEGIN comes after this listener), or right after a deferred BEGIN.
+        # Otherwise the owner's COMMIT may be waiting for our SHARED lock: only try.
+        if in_transaction:
+            unlocked = key in fresh
+            if unlocked:
+                fresh.discard(key)
+        else:
+            unlocked = True
+            if kind == _BEGIN:
+                fresh.add(key)
+            elif fresh:
+                fresh.discard(key)
+        if kind == _WRITE:
+            queue.acquire(dbapi_connection, timeout if unlocked else 0.0)
+        return statement, parameters
+
+    def after_cursor_execute(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> None:
+        dbapi_connection = cursor.connection
+        if queue._owner is dbapi_connection and not dbapi_connection.in_transaction:
+            queue.release(dbapi_connection)  # autocommit: the statement committed itself
+
+    def handle_error(context: sa.engine.ExceptionContext) -> None:
+        connection = context.connection
+        if connection is None or connection.closed or connection.invalidated:
+            return
+        try:
+            dbapi_connection = connection.connection.dbapi_connection
+        except sa.exc.SQLAlchemyError:  # pragma: no cover - the connection went away meanwhile
+            return
+        if dbapi_connection is not None and not _in_transaction(dbapi_connection):
+            queue.release(dbapi_connection)
+
+    def release(dbapi_connection: Any, *args: Any) -> None:
+        if dbapi_connection is not None:
+            queue.release(dbapi_connection)
+
+    def on_checkout(dbapi_connection: Any, *args: Any) -> None:
+        # A turn its transaction's end did not give back (a commit through the driver itself).
+        if queue._owner is dbapi_connection and not _in_transaction(dbapi_connection):
+            queue.release(dbapi_connection)
+
+    # retval=True: called as it is, not through SQLAlchemy's wrapper for listeners without one.
+    sa.event.listen(engine, "before_cursor_execute", before_cursor_execute, retval=True)
+    sa.event.listen(engine, "after_cursor_execute", after_cursor_execute)
+    sa.event.listen(engine, "handle_error", handle_error)
+    sa.event.listen(engine, "checkout", on_checkout)
+    # No "checkin" or "reset" listener: a session whose end runs no listener ends on the event
+    # loop (_unit); the pool's rollback on return goes through the dialect's do_rollback below.
+    for name in ("close", "invalidate", "soft_invalidate", "detach", "close_detached"):
+        sa.event.listen(engine, name, release)
+
+    dialect = engine.dialect  # this engine's own instance: the pool's reset calls it too
+    setattr(dialect, "do_commit", _released_after(dialect.do_commit, queue, commit=True))  # noqa: B010
+    setattr(dialect, "do_rollback", _released_after(dialect.do_rollback, queue, commit=False))  # noqa: B010
+
+
+def _released_after(method: Any, queue: WriterQueue, *, commit: bool) -> Any:
+    @functools.wraps(method)
+    def wrapper(dbapi_connection: Any) -> None:
+        try:
+            method(dbapi_connection)
+        except BaseException:
+            raw = _raw(dbapi_connection)
+            if commit and _in_transaction(raw):
+                # A failed COMMIT (a deferred foreign key, SQLITE_BUSY) leaves SQLite's transaction
+                # open with its write lock, while SQLAlchemy considers it over: the pool would
+                # take the connection back without a rollback, and lock every writer out.
+                with contextlib.suppress(sqlite3.Error):
+                    raw.rollback()
+            raise
+        finally:
+            queue.release(_raw(dbapi_connection))
+
+    return wrapper
+
+
+def _after_fork_in_child() -> None:
+    # No thread of the parent survives the fork, and the connections are the parent's: no turn
+    # (and no mutex) held at fork time stays held in the child.
+    for queue in list(_queues.values()):
+        queue._reset()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - every POSIX Python; Windows cannot fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
