@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -194,6 +195,10 @@ class MakerBase(Generic[EngineT, FactoryT]):
             self.observer.trace_sessions(self.session_options, self.url, is_async=self.is_async)
         self._engine: EngineT | None = None
         self._sessionmaker: FactoryT | None = None
+        # Creating the cached engine (and sessionmaker) on first use is one step for all threads:
+        # threads racing on a new maker would otherwise each make an engine, and the ones that lose
+        # keep the connection their thread used in a pool nobody disposes.
+        self._cache_lock = threading.RLock()
         self._dependencies: dict[tuple[CommitPolicy | None, int], Any] = {}
         # Set by :meth:`join` while a test runs: every session this maker hands out joins the
         # test's connection (``join_transaction_mode="create_savepoint"``).
@@ -296,18 +301,26 @@ class MakerBase(Generic[EngineT, FactoryT]):
         """The engine, created on first access and reused (the test's while joined)."""
         if self._joined_engine is not None:
             return self._joined_engine
-        if self._engine is None:
-            self._engine = self.get_new_engine()
-        return self._engine
+        engine = self._engine
+        if engine is None:
+            with self._cache_lock:
+                if self._engine is None:
+                    self._engine = self.get_new_engine()
+                engine = self._engine
+        return engine
 
     @property
     def cached_sessionmaker(self) -> FactoryT:
         """The sessionmaker bound to :attr:`cached_engine`, created on first access and reused."""
         if self._joined is not None:
             return self._joined
-        if self._sessionmaker is None:
-            self._sessionmaker = self.get_new_sessionmaker(self.cached_engine)
-        return self._sessionmaker
+        factory = self._sessionmaker
+        if factory is None:
+            with self._cache_lock:
+                if self._sessionmaker is None:
+                    self._sessionmaker = self.get_new_sessionmaker(self.cached_engine)
+                factory = self._sessionmaker
+        return factory
 
     def get_new_engine(self) -> EngineT:
         """A new engine with this maker's options."""
@@ -322,7 +335,8 @@ class MakerBase(Generic[EngineT, FactoryT]):
 
     def _forget(self) -> EngineT | None:
         """Forget the cached engine and sessionmaker (the caller disposes the engine returned)."""
-        engine, self._engine, self._sessionmaker = self._engine, None, None
+        with self._cache_lock:
+            engine, self._engine, self._sessionmaker = self._engine, None, None
         self.lifecycle.slot.reset()
         return engine
 
