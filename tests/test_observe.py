@@ -215,20 +215,14 @@ def test_slow_requests_over_the_threshold_are_logged_with_their_counts(
     assert SECRET not in everything_logged([record])  # no parameters, no query string
 
 
-def writer_queue_listener(listener: Any) -> bool:
-    """Whether ``listener`` is one of SQLite's writer queue (installed whatever the options)."""
-    return getattr(listener, "__module__", "") == "fastapi_sessionmaker._sqlite"
-
-
 def test_nothing_is_attached_when_observability_is_off(make_maker: MakerFactory, client_for: Any) -> None:
     maker = make_maker()
     assert maker.observer is None
     engine = maker.cached_engine
     sync_engine = engine if isinstance(engine, sa.Engine) else engine.sync_engine
-    # SQLite's writer queue (_sqlite.py) listens on sync SQLite file engines, observed or not.
-    assert not [fn for fn in sync_engine.dispatch.before_cursor_execute if not writer_queue_listener(fn)]
-    assert not [fn for fn in sync_engine.dispatch.after_cursor_execute if not writer_queue_listener(fn)]
-    assert not [fn for fn in sync_engine.dialect.dispatch.handle_error if not writer_queue_listener(fn)]
+    assert not sync_engine.dispatch.before_cursor_execute
+    assert not sync_engine.dispatch.after_cursor_execute
+    assert not sync_engine.dialect.dispatch.handle_error
     assert "raw_connection" not in vars(sync_engine)  # checkouts are not wrapped
     app, _ = make_app(maker, counting=True)
     assert app.state.fastapi_sessionmaker.observer is None  # no stats object per request

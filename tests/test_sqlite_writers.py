@@ -28,6 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, DBSession, FastAPISessionMaker
 from fastapi_sessionmaker._sqlite import (
     WriterQueue,
+    _queued,
     database_file,
     install_writer_queue,
     statement_kind,
@@ -136,16 +137,21 @@ def test_32_concurrent_request_writers_are_all_stored_without_a_freeze(
     engine = db.cached_engine
     Base.metadata.create_all(engine)
     inserts: list[float] = []
-    started: dict[int, float] = {}
 
-    @sa.event.listens_for(engine, "before_cursor_execute")
-    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        started[id(cursor)] = time.monotonic()  # after the queue's listener: after any wait for the turn
+    # Time the driver's execute alone, under the queue's wrapper (after any wait for the turn).
+    original = engine.dialect.do_execute.__wrapped__  # type: ignore[attr-defined]
 
-    @sa.event.listens_for(engine, "after_cursor_execute")
-    def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.startswith("INSERT"):
-            inserts.append(time.monotonic() - started.pop(id(cursor)))
+    def timed(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+        begun = time.monotonic()
+        try:
+            original(cursor, statement, parameters, context)
+        finally:
+            if statement.startswith("INSERT"):
+                inserts.append(time.monotonic() - begun)
+
+    queue = writer_queue_of(engine)
+    assert queue is not None
+    engine.dialect.do_execute = _queued(timed, queue, 30.0)  # type: ignore[method-assign]
 
     app = FastAPI()
     db.init_app(app)
