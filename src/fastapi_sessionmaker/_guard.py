@@ -9,7 +9,7 @@ import contextlib
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -151,13 +151,17 @@ class _Exchange:
                     self.unread.append(message)
         return self.disconnected
 
-    async def send(self, message: Message) -> None:
-        state = self.state
-        if not state.entries:  # no session: pass through
+    def send(self, message: Message) -> Awaitable[None]:
+        """The app's ``send``: the server's own awaitable while the request has no session (no
+        coroutine of ours per message), else :meth:`_send_guarded`."""
+        if not self.state.entries:
             if message["type"] == "http.response.start":
                 self.started = True
-            await self._send(message)
-            return
+            return self._send(message)
+        return self._send_guarded(message)
+
+    async def _send_guarded(self, message: Message) -> None:
+        state = self.state
         if self.replaced:
             return
         if message["type"] == "http.response.start":
