@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -159,6 +162,23 @@ def sync_engine(database_url: str) -> Iterator[sa.Engine]:
 
 
 MakerFactory = Callable[..., Maker]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_smoke(script: str, *options: str) -> str:
+    """Run ``benchmarks/<script> --smoke`` (bounded: 120 s); its standard output (it must exit 0)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *options],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:

@@ -4,23 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_smoke(script: str, *options: str) -> str:
-    """Run ``benchmarks/<script> --smoke``; its standard output (it must exit 0)."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *options],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return result.stdout
+from tests.conftest import ROOT, run_smoke
 
 
 def test_throughput_benchmark_smoke_mode_passes_its_correctness_check() -> None:

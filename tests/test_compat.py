@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 import fastapi_sessionmaker
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker, guid_type, session
 from fastapi_sessionmaker._liveness import checks_liveness
-from tests.conftest import Maker, Server, checked_out, pool_of
+from tests.conftest import Maker, Server, checked_out, drop_database, pool_of
 from tests.models import User, reset_tables, stored_emails
 
 
@@ -225,16 +225,7 @@ def other_database_url(
     engine.dispose()
     yield url
     if backend != "sqlite":
-        with admin.connect() as connection:
-            if backend == "postgresql":
-                connection.execute(
-                    sa.text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :name AND pid <> pg_backend_pid()"
-                    ),
-                    {"name": name},
-                )
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        drop_database(backend, name)
 
 
 @pytest.mark.parametrize("order", ["assign-then-reset", "reset-then-assign"])

@@ -5,8 +5,6 @@ load breaks), requests, the health route and the liveness check, and docs/scalin
 
 import asyncio
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +28,7 @@ from fastapi_sessionmaker import (
 )
 from fastapi_sessionmaker._liveness import checks_liveness
 from fastapi_sessionmaker._pgbouncer import check_pgbouncer
-from tests.conftest import IN_CI, Databases, Maker, wait_until
+from tests.conftest import IN_CI, Databases, Maker, run_smoke, wait_until
 from tests.pgbouncer_load import Outcome, run_async, run_sync
 
 PORT = 6432
@@ -409,18 +407,9 @@ def test_the_scaling_page_example_serves_requests_through_pgbouncer(
 
 
 def test_the_benchmark_smoke_mode_passes_its_correctness_check(bouncer_url: str) -> None:
-    root = Path(__file__).resolve().parent.parent
-    result = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "pgbouncer.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=root,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert "correctness check: PASSED" in result.stdout, result.stdout
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| sync |", "| async |"))]
-    assert [row.split("|")[2].strip() for row in rows] == ["psycopg", "asyncpg"], result.stdout
+    output = run_smoke("pgbouncer.py")
+    assert "correctness check: PASSED" in output, output
+    rows = [line for line in output.splitlines() if line.startswith(("| sync |", "| async |"))]
+    assert [row.split("|")[2].strip() for row in rows] == ["psycopg", "asyncpg"], output
     for row in rows:
         assert float(row.split("|")[5]) > 0, row

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -41,7 +40,7 @@ from fastapi_sessionmaker import (
     health_router,
     pool_stats,
 )
-from tests.conftest import IN_CI, _pid_alive, wait_until
+from tests.conftest import IN_CI, _pid_alive, run_smoke, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIMARY_PORT, PORTS = 5440, (5441, 5442)
@@ -788,24 +787,16 @@ def test_the_docs_read_replica_examples_do_what_the_page_says(shared: None, serv
 
 
 def test_the_replica_benchmark_smoke_mode_measures_every_cell(shared: None) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "replica_read.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    output = run_smoke("replica_read.py")
     rows = [
         line.split("|")
-        for line in result.stdout.splitlines()
+        for line in output.splitlines()
         if line.startswith("| sync") or line.startswith("| async")
     ]
     assert [(row[1].strip(), row[2].strip()) for row in rows] == [
         (twin, setup)
         for twin in ("sync", "async")
         for setup in ("primary", "standby, no routing", "replica", "replica + position")
-    ], result.stdout
+    ], output
     assert all(float(row[4]) > 0 for row in rows)
     assert [row[4].strip() for row in rows if row[2].strip() == "primary"] == ["1.00", "1.00"]
