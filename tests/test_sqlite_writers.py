@@ -34,6 +34,7 @@ from fastapi_sessionmaker._sqlite import (
     statement_kind,
     writer_queue_of,
 )
+from fastapi_sessionmaker.testing._database import sqlite_savepoints
 from tests.conftest import wait_until
 
 INSERT = "INSERT INTO notes (body) VALUES ('x')"
@@ -412,13 +413,7 @@ def test_a_deferred_begin_waits_for_the_turn_but_a_transaction_that_read_only_tr
     other = makers(url, timeout=0.3)
     engine = other.cached_engine
 
-    @sa.event.listens_for(engine, "connect")
-    def driver_autocommit(dbapi_connection: Any, record: Any) -> None:
-        dbapi_connection.isolation_level = None
-
-    @sa.event.listens_for(engine, "begin")
-    def begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN")
+    sqlite_savepoints(engine)  # the testing plugin's recipe: the driver's autocommit, BEGIN from a listener
 
     queue = queue_of(maker)
     holder = flushed(maker)
