@@ -258,9 +258,8 @@ def _listen(engine: sa.Engine, queue: WriterQueue, timeout: float) -> None:
     every statement (about 20 µs per SQLite read request); a wrapped ``do_execute`` costs one call.
     """
     dialect = engine.dialect  # this engine's own instance: the pool's reset calls it too
-    for name in ("do_execute", "do_executemany"):
+    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
         setattr(dialect, name, _queued(getattr(dialect, name), queue, timeout))
-    setattr(dialect, "do_execute_no_params", _queued_no_params(dialect.do_execute_no_params, queue, timeout))  # noqa: B010
     setattr(dialect, "do_commit", _released_after(dialect.do_commit, queue, commit=True))  # noqa: B010
     setattr(dialect, "do_rollback", _released_after(dialect.do_rollback, queue, commit=False))  # noqa: B010
 
@@ -315,28 +314,20 @@ def _after_statement(queue: WriterQueue, dbapi_connection: Any) -> None:
 
 
 def _queued(method: Any, queue: WriterQueue, timeout: float) -> Any:
+    """``method`` (a dialect's ``do_execute`` / ``do_executemany`` / ``do_execute_no_params``,
+    called as SQLAlchemy calls them: the context last) with the writer's turn taken before and
+    given back after (autocommit, a failed statement outside a transaction)."""
+
+    at = 0 if method.__name__ == "do_execute_no_params" else 1  # where the context is, after the SQL
+
     @functools.wraps(method)
-    def wrapper(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+    def wrapper(cursor: Any, statement: str, *arguments: Any) -> None:
         dbapi_connection = cursor.connection
         if queue._owner is not dbapi_connection:
+            context = arguments[at] if len(arguments) > at else None
             _wait_for_turn(queue, dbapi_connection, statement, context, timeout)
         try:
-            method(cursor, statement, parameters, context)
-        finally:
-            if queue._owner is dbapi_connection:
-                _after_statement(queue, dbapi_connection)
-
-    return wrapper
-
-
-def _queued_no_params(method: Any, queue: WriterQueue, timeout: float) -> Any:
-    @functools.wraps(method)
-    def wrapper(cursor: Any, statement: str, context: Any = None) -> None:
-        dbapi_connection = cursor.connection
-        if queue._owner is not dbapi_connection:
-            _wait_for_turn(queue, dbapi_connection, statement, context, timeout)
-        try:
-            method(cursor, statement, context)
+            method(cursor, statement, *arguments)
         finally:
             if queue._owner is dbapi_connection:
                 _after_statement(queue, dbapi_connection)
