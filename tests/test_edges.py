@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker, NotInstalledError
+from fastapi_sessionmaker._base import Limiter
 from tests.conftest import Maker, MakerFactory, checked_out, pool_of, wait_until
 from tests.models import User, reset_tables, stored_emails
 
@@ -163,6 +164,26 @@ def test_more_writers_on_one_row_than_worker_threads_never_deadlock(
         maker.dispose()
         with sync_engine.begin() as connection:
             connection.exec_driver_sql("DROP TABLE IF EXISTS fsm_counter")
+
+
+def test_sync_request_slots_are_the_pool_and_the_worker_threads_less_one() -> None:
+    """The cap the test above relies on, and the error once every slot is taken."""
+
+    async def main() -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 4
+        assert Limiter(10, 0.05, threads=True).size() == 3  # the threads less one
+        assert Limiter(None, 0.05, threads=True).size() == 3  # no pool limit: the threads still
+        assert Limiter(2, 0.05, threads=True).size() == 2  # the pool when it is smaller
+        assert Limiter(10, 0.05).size() == 10  # not bound to threads: the pool alone
+        limiter = Limiter(10, 0.05, threads=True)
+        for _ in range(3):
+            await limiter.acquire()
+        with pytest.raises(
+            sa.exc.TimeoutError, match=r"3 request sessions at once: pool capacity 10, 4 worker"
+        ):
+            await limiter.acquire()
+
+    asyncio.run(main())
 
 
 # -- 2. a cancelled sync endpoint keeps its session until its statement is done ----------------

@@ -23,12 +23,12 @@ import pydantic
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, DBSession, FastAPISessionMaker
 from fastapi_sessionmaker._sqlite import (
     WriterQueue,
-    _queued,
     database_file,
     install_writer_queue,
     statement_kind,
@@ -128,31 +128,35 @@ def run_in_thread(target: Callable[[], Any], timeout: float = 10.0) -> Any:
 
 # -- under contention ----------------------------------------------------------------------------
 def test_32_concurrent_request_writers_are_all_stored_without_a_freeze(
-    url: str, makers: Callable[..., FastAPISessionMaker], serve: Callable[..., httpx.Client]
+    url: str,
+    makers: Callable[..., FastAPISessionMaker],
+    serve: Callable[..., httpx.Client],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The measured collapse: 32 writers that flush, validate a response model and commit in
     another hop, 20 requests each. Without the queue the writers wait inside SQLite (its busy
     handler sleeps up to 100 ms a time): an INSERT took 1-3 s there, a request's p99 1.4 s. With
     it, an INSERT starts once its connection has the turn, and runs at once."""
-    db = makers(url, timeout=30.0, pool_size=32, max_overflow=8)  # a freeze would show as > 10 s
-    engine = db.cached_engine
-    Base.metadata.create_all(engine)
     inserts: list[float] = []
+    # Time the driver's execute alone: patched on the dialect class before the engine exists, so
+    # the queue's own wrapper (installed with the engine) wraps it, after any wait for the turn.
+    original: Any = SQLiteDialect_pysqlite.do_execute
 
-    # Time the driver's execute alone, under the queue's wrapper (after any wait for the turn).
-    original = engine.dialect.do_execute.__wrapped__  # type: ignore[attr-defined]
-
-    def timed(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+    def timed(self: Any, cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
         begun = time.monotonic()
         try:
-            original(cursor, statement, parameters, context)
+            original(self, cursor, statement, parameters, context)
         finally:
             if statement.startswith("INSERT"):
                 inserts.append(time.monotonic() - begun)
 
+    monkeypatch.setattr(SQLiteDialect_pysqlite, "do_execute", timed)
+    db = makers(url, timeout=30.0, pool_size=32, max_overflow=8)  # a freeze would show as > 10 s
+    engine = db.cached_engine
+    Base.metadata.create_all(engine)
     queue = writer_queue_of(engine)
     assert queue is not None
-    engine.dialect.do_execute = _queued(timed, queue, 30.0)  # type: ignore[method-assign]
+    assert engine.dialect.do_execute.__wrapped__.__func__ is timed  # type: ignore[attr-defined]  # the installed wrapper
 
     app = FastAPI()
     db.init_app(app)
