@@ -4,11 +4,13 @@ and the one log line of every mapped error."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import socket
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from starlette.types import Send
 
 logger = logging.getLogger("fastapi_sessionmaker")
 
@@ -21,6 +23,7 @@ __all__ = [
     "is_integrity_error",
     "is_retryable",
     "log_mapped",
+    "send_problem",
 ]
 
 
@@ -361,3 +364,15 @@ def log_mapped(problem: Problem, exc: BaseException, *, method: str, path: str, 
             "database": database,
         },
     )
+
+
+async def send_problem(send: Send, problem: Problem) -> None:
+    """Send ``problem`` as a complete ``application/problem+json`` response on the ASGI ``send``."""
+    body = json.dumps(problem.body()).encode()
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    headers.extend((k.lower().encode(), v.encode()) for k, v in problem.headers.items())
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

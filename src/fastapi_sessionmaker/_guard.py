@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_sessionmaker import _compat
-from fastapi_sessionmaker._errors import Problem, is_retryable, log_mapped
+from fastapi_sessionmaker._errors import Problem, is_retryable, log_mapped, send_problem
 from fastapi_sessionmaker._multidb import PARTIAL
 from fastapi_sessionmaker._notfound import not_found_response
 from fastapi_sessionmaker._request import CURRENT, ErrorMapper, Registry, RequestMaker, RequestState
@@ -31,17 +30,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fastapi_sessionmaker")
 
 __all__ = ["SessionGuard", "chain_lifespan", "registry_for"]
-
-
-async def _send_problem(send: Send, problem: Problem) -> None:
-    body = json.dumps(problem.body()).encode()
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    headers.extend((k.lower().encode(), v.encode()) for k, v in problem.headers.items())
-    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 REPLAY_LIMIT = 1 << 20
@@ -178,7 +166,7 @@ class _Exchange:
             self.started = True
             if failure is not None:
                 self.replaced = True
-                await _send_problem(self._send, self.guard._problem(failure, self.scope, state))
+                await send_problem(self._send, self.guard._problem(failure, self.scope, state))
                 return
         await self._send(message)
         # The response is complete: give the connections back before background tasks
@@ -257,7 +245,7 @@ class SessionGuard:
             path=scope.get("path", ""),
             database=maker.name if maker is not None else "?",
         )
-        await _send_problem(exchange._send, problem)
+        await send_problem(exchange._send, problem)
         return None
 
     async def _again(self, exchange: _Exchange, retry: Exception) -> _Exchange:

@@ -16,6 +16,7 @@ from typing import IO
 import sqlalchemy as sa
 
 from fastapi_sessionmaker._errors import error_code
+from fastapi_sessionmaker._sqlite import database_file
 from fastapi_sessionmaker.exceptions import MigrationError
 
 __all__ = ["database_lock"]
@@ -108,10 +109,8 @@ def _mysql_lock(connection: sa.Connection, name: str, timeout: float) -> Iterato
 
 
 def _sqlite_file(connection: sa.Connection) -> Path | None:
-    database = connection.engine.url.database
-    if not database or database == ":memory:" or "mode=memory" in database:
-        return None
-    return Path(database.removeprefix("file:").split("?", 1)[0])
+    database = database_file(connection.engine.url)  # resolved; None in memory
+    return None if database is None else Path(database)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import re
 import threading
@@ -38,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastapi_sessionmaker._errors import Problem, error_code, is_connection_error
+from fastapi_sessionmaker._errors import Problem, error_code, is_connection_error, send_problem
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._urls import render_url, scrub
@@ -549,10 +548,7 @@ async def _bad_position(send: Send, header: str, exc: ValueError) -> None:
     detail = f"{header}: {exc}; send back the value of a previous response's {header} header, or none"
     problem = Problem(400, "Bad Request", detail)
     logger.warning("request refused: invalid %s header", header)
-    body = json.dumps(problem.body()).encode()
-    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 400, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_problem(send, problem)
 
 
 def install_positions(app: FastAPI, maker: Any) -> None:
