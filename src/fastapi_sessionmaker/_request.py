@@ -186,31 +186,26 @@ class RequestState:
         client has disconnected and every session rolls back instead. Several sessions end in
         their commit order, with two-phase commit where asked (:mod:`._multidb`).
         """
-        if len(self.entries) > 1:
-            return await finish_several(self, status, client_gone)
-        failure: tuple[BaseException, RequestMaker] | None = None
-        for entry in self.entries:
-            if entry.finished:
-                continue
-            entry.finished = True
-            commit = failure is None and entry.policy.should_commit(status=status, raised=self.raised)
-            if commit and client_gone is not None:
-                self.client_gone = await client_gone()
-                client_gone = None
-            if self.client_gone:
-                commit = False
-            try:
-                await entry.maker.lifecycle.end(entry.session, commit)
-                entry.committed = commit
-            except Exception as exc:
-                if failure is None:
-                    failure = (exc, entry.maker)
-                else:
-                    logger.exception("rollback failed on database %r", entry.maker.name)
-            finally:
-                mark_response_started(entry.session)
-                entry.release()
-        return failure
+        if len(self.entries) != 1:
+            return await finish_several(self, status, client_gone) if self.entries else None
+        entry = self.entries[0]
+        if entry.finished:
+            return None
+        entry.finished = True
+        commit = entry.policy.should_commit(status=status, raised=self.raised)
+        if commit and client_gone is not None:
+            self.client_gone = await client_gone()
+        if self.client_gone:
+            commit = False
+        try:
+            await entry.maker.lifecycle.end(entry.session, commit)
+            entry.committed = commit
+        except Exception as exc:
+            return (exc, entry.maker)
+        finally:
+            mark_response_started(entry.session)
+            entry.release()
+        return None
 
     def needs_io_to_close(self) -> bool:
         """Whether closing may talk to a database (a transaction is still open somewhere)."""
