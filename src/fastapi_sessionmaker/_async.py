@@ -67,7 +67,7 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
 
     def _engine_for(self, url: sa.URL, variable: str) -> AsyncEngine:
         try:
-            kwargs = self._engine_kwargs(url)
+            kwargs = self._engine_kwargs(url, variable)
             engine = create_async_engine(url, **kwargs)
         except sa.exc.NoSuchModuleError:
             raise unknown_driver(url, is_async=True, variable=variable) from None

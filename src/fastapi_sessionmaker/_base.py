@@ -286,13 +286,15 @@ class MakerBase(Generic[EngineT, FactoryT]):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.safe_url()!r}, name={self.name!r})"
 
-    def _engine_kwargs(self, url: URL | None = None) -> dict[str, Any]:
+    def _engine_kwargs(self, url: URL | None = None, variable: str | None = None) -> dict[str, Any]:
+        """Engine options for ``url`` (default: the maker's); errors name ``variable`` (default:
+        the maker's own, e.g. ``DATABASE_URI``; a replica's is ``replica_uris``)."""
         return engine_kwargs(
             url or self.url,
             self.engine_options,
             is_async=self.is_async,
             pgbouncer=self.pgbouncer,
-            variable=self._variable,
+            variable=variable or self._variable,
         )
 
     # -- the cached engine and sessionmaker (fastapi-utils names) ---------------------------

@@ -135,12 +135,12 @@ def health_router(
     concurrently. The answer is 200 when all do, else 503 with ``Retry-After``; the body names
     each database with its status, latency, error class (never a message or URL) and pool
     stats (see :func:`pool_stats`). With no ``makers``, the makers installed on the app with
-    ``init_app`` are checked. A database installed with ``init_app(app, migrations=...)`` is
-    also not ready (``"not_ready"``, 503) while its schema is behind the migrations' head; its
-    report then carries ``schema`` with the ``current`` and ``head`` revisions.
-    ``init_app`` are checked. A maker with read replicas also reports each replica under
-    ``replicas`` (URL without secrets, ``ok`` or ``skipped`` with the reason, lag in bytes,
-    pool); a skipped replica does not turn the answer into a 503, as its reads go elsewhere.
+    ``init_app`` are checked. A database installed with ``init_app(app, migrations=...)`` is also
+    not ready (``"not_ready"``, 503) while its schema is behind the migrations' head; its report
+    then carries ``schema`` with the ``current`` and ``head`` revisions. A maker with read replicas
+    also reports each replica under ``replicas`` (URL without secrets, ``ok`` or ``skipped`` with
+    the reason, lag in bytes, pool); a skipped replica does not turn the answer into a 503, as
+    its reads go elsewhere.
 
     Args:
         makers: The makers to check (default: those installed on the app).

@@ -137,7 +137,7 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
         return self._engine_for(self.url, self._variable)
 
     def _engine_for(self, url: sa.URL, variable: str) -> sa.Engine:
-        kwargs = self._engine_kwargs(url)
+        kwargs = self._engine_kwargs(url, variable)
         engine = create_checked_engine(url, kwargs, variable, sqlite_foreign_keys=self.sqlite_foreign_keys)
         if self.observer is not None:
             self.observer.instrument(engine)
