@@ -108,5 +108,8 @@ def test_delete_hero(fsm_session: Session, fsm_client: TestClient) -> None:
     assert fsm_client.get(f"/heroes/{hero_1.id}").status_code == 404
 
 
-def test_each_test_starts_from_an_empty_table(fsm_client: TestClient) -> None:
+@pytest.mark.parametrize("run", [1, 2])
+def test_each_test_starts_from_an_empty_table(fsm_client: TestClient, run: int) -> None:
+    # Run twice, each writing after its check: the second fails if the first one's hero was kept.
     assert fsm_client.get("/heroes/").json() == []
+    assert fsm_client.post("/heroes/", json={"name": f"run {run}", "secret_name": "x"}).status_code == 200

@@ -35,7 +35,8 @@ from fastapi_sessionmaker._sqlite import (
     writer_queue_of,
 )
 from fastapi_sessionmaker.testing._database import sqlite_savepoints
-from tests.conftest import wait_until
+from tests.conftest import checked_out, wait_until
+from tests.test_edges import Timeout
 
 INSERT = "INSERT INTO notes (body) VALUES ('x')"
 
@@ -270,6 +271,49 @@ def test_a_wait_that_times_out_leaves_the_queue_in_order() -> None:
     assert queue.owner == "a"
     queue.release("a")
     assert queue.acquire("b", timeout=0)
+
+
+def test_writers_cancelled_by_a_timeout_middleware_give_the_turn_back(
+    url: str, makers: Callable[..., FastAPISessionMaker], serve: Callable[..., httpx.Client]
+) -> None:
+    """Four concurrent writers whose sync endpoint flushes, then sleeps past a 0.15 s timeout
+    middleware (504): the cancelled requests' threads still hold or wait for the turn; once they
+    are done every turn is back, nothing of a 504 is stored, and another writer writes at once."""
+    db = makers(url, timeout=10.0)
+    engine = db.cached_engine
+    Base.metadata.create_all(engine)
+    app = FastAPI()
+    db.init_app(app)
+    app.add_middleware(Timeout, seconds=0.15)  # outside the guard
+
+    @app.post("/notes", status_code=201)
+    def create(session: DBSession) -> NoteOut:
+        note = Note(body="x")
+        session.add(note)
+        session.flush()  # takes the turn
+        time.sleep(0.3)  # the timeout fires meanwhile
+        return NoteOut.model_validate(note)
+
+    client = serve(app)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def writer() -> None:
+        status = client.post("/notes").status_code
+        with lock:
+            statuses.append(status)
+
+    threads = [threading.Thread(target=writer, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert sorted(set(statuses)) in ([504], [201, 504], [201]), statuses
+    queue = queue_of(db)
+    wait_until(lambda: queue.owner is None and checked_out(engine.pool) == 0, "the turn given back", 20)
+    assert count(engine) == statuses.count(201)  # a 504 stored nothing
+    assert_free(db, makers, url)
 
 
 # -- every way a transaction ends gives the turn back ------------------------------------------
