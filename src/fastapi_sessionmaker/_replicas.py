@@ -54,7 +54,6 @@ __all__ = [
     "Replica",
     "ReplicaMixin",
     "ReplicaSet",
-    "format_position",
     "install_positions",
     "parse_position",
     "position_header",
@@ -93,16 +92,6 @@ def parse_position(text: str) -> int:
     return int(match.group(1), 16) << 32 | int(match.group(2), 16)
 
 
-def format_position(position: int) -> str:
-    """The ``pg_lsn`` text of a WAL position number.
-
-    Example:
-        >>> format_position(parse_position("16/b374d848"))
-        '16/B374D848'
-    """
-    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
-
-
 def position_header(database: str) -> str:
     """The header that carries ``database``'s WAL position: ``X-DB-Position`` for ``default``."""
     return POSITION_HEADER if database == "default" else f"{POSITION_HEADER}-{database}"
@@ -125,7 +114,6 @@ class Replica:
         self.healthy = True  # until a check or a failed read says otherwise
         self.reason: str | None = None
         self.lag: int | None = None
-        self.checked_at: float | None = None
         self.failed_at = float("-inf")  # time.monotonic() of the last read that found it down
 
     def describe(self) -> str:
@@ -287,7 +275,6 @@ class ReplicaSet:
     def _judge(self, replica: Replica, row: Any, primary: int | None, looked_at: float) -> None:
         """Mark ``replica`` by its status ``row``, read at ``looked_at`` (``time.monotonic()``); a
         read that found it down after that moment wins over a healthy verdict."""
-        replica.checked_at = time.time()
         in_recovery, replay = row
         if not in_recovery:
             replica.lag = None
@@ -306,7 +293,7 @@ class ReplicaSet:
         self._mark(replica, True, None)
 
     def _down(self, replica: Replica, exc: BaseException) -> None:
-        replica.checked_at, replica.lag = time.time(), None
+        replica.lag = None
         text = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", replica.url)
         logger.debug("check of %s failed: %s: %s", replica.describe(), type(exc).__name__, text)
         self._mark(replica, False, f"down: {type(exc).__name__}")
@@ -496,14 +483,23 @@ class PositionMiddleware:
 
     def __init__(self, app: ASGIApp, makers: list[Any]) -> None:
         self.app = app
-        self.makers = makers
+        self.makers = makers  # install_positions appends to it
+        self._names: dict[bytes, str] = {}
+        self._named = 0  # how many makers _names covers
+
+    def _headers(self) -> dict[bytes, str]:
+        """Each maker's position header (lower-case bytes) to its name, rebuilt when one is added."""
+        if self._named != len(self.makers):
+            self._names = {position_header(m.name).lower().encode(): m.name for m in self.makers}
+            self._named = len(self.makers)
+        return self._names
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         wanted: dict[str, int] = {}
-        names = {position_header(m.name).lower().encode(): m.name for m in self.makers}
+        names = self._headers()
         for key, value in scope.get("headers", ()):
             name = names.get(key)
             if name is None:

@@ -269,8 +269,7 @@ def _listen(engine: sa.Engine, queue: WriterQueue, timeout: float) -> None:
 
     def on_checkout(dbapi_connection: Any, *args: Any) -> None:
         # A turn its transaction's end did not give back (a commit through the driver itself).
-        if queue._owner is dbapi_connection and not _in_transaction(dbapi_connection):
-            queue.release(dbapi_connection)
+        _after_statement(queue, dbapi_connection)
 
     sa.event.listen(engine, "checkout", on_checkout)
     # No "checkin" or "reset" listener: a session whose end runs no listener ends on the event
