@@ -271,10 +271,17 @@ def test_a_timeout_cancelling_a_sync_endpoint_never_ends_its_session_concurrentl
 
 
 # -- 3. the documented streaming pattern holds with more streams than worker threads -----------
-def stream_app(maker: Maker) -> FastAPI:
+def stream_app(maker: Maker, *, threads: int | None = None) -> FastAPI:
+    """The documented streaming pattern; ``threads``: the worker threads the app runs with."""
     from fastapi.responses import StreamingResponse
 
-    app = FastAPI()
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if threads is not None:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+        yield
+
+    app = FastAPI(lifespan=lifespan)
     maker.init_app(app)
     Db = Annotated[Any, maker.dependency]
     query = sa.select(User.email).order_by(User.email)
@@ -327,6 +334,35 @@ def test_100_concurrent_streams_querying_on_a_pool_of_2(
     bodies = asyncio.run(main())
     failures = [body for body in bodies if body != expected]
     assert not failures, f"{len(failures)} of 100 streams failed: {sorted(set(failures))[:3]}"
+
+
+def test_more_sync_streams_than_worker_threads_with_a_pool_larger_than_them(
+    make_maker: MakerFactory, sync_engine: sa.Engine, serve: Serve
+) -> None:
+    """12 streams, 4 worker threads, a pool of 10: the session cap (threads less one), not the
+    pool, is what binds, and every stream still completes."""
+    reset_tables(sync_engine)
+    with sync_engine.begin() as connection:
+        connection.execute(sa.insert(User), [{"email": f"{i}@x", "name": ""} for i in range(3)])
+    maker = make_maker(engine_options={"pool_size": 10, "max_overflow": 0, "pool_timeout": 30})
+    client = serve(stream_app(maker, threads=4))
+    expected = "".join(f"data: {i}@x\n\n" for i in range(3))
+
+    async def main() -> list[str]:
+        limits = httpx.Limits(max_connections=12, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=DEADLINE, limits=limits) as http:
+
+            async def one() -> str:
+                try:
+                    response = await http.get("/events")
+                except httpx.HTTPError as exc:
+                    return type(exc).__name__
+                return response.text if response.status_code == 200 else str(response.status_code)
+
+            return list(await asyncio.gather(*(one() for _ in range(12))))
+
+    bodies = asyncio.run(main())
+    assert bodies == [expected] * 12, sorted(set(bodies))[:3]
 
 
 # -- 4. a write in a streaming body is refused loudly, never dropped --------------------------
