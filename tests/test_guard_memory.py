@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.types import Message
 
-from fastapi_sessionmaker import FastAPISessionMaker
+from fastapi_sessionmaker import DBSession, FastAPISessionMaker
 from fastapi_sessionmaker._request import RequestState, current_state
 
 
@@ -61,7 +61,7 @@ def test_a_callback_scheduled_during_a_request_does_not_keep_its_state_alive(tmp
     timers: list[asyncio.TimerHandle] = []
 
     @app.get("/ping")
-    async def ping() -> str:
+    async def ping(session: DBSession) -> str:  # a request session: the guard is on this route
         state = current_state()
         assert state is not None
         seen.append(weakref.ref(state))

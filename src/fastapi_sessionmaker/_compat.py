@@ -19,6 +19,10 @@ What is read, and why:
 - SQLAlchemy's ``Connection`` takes its DBAPI connection through ``Engine.raw_connection()``: the
   observability layer (:mod:`._observe`) wraps that method on the engines it observes to time the
   pool wait, as no event fires *before* a checkout.
+- FastAPI's routes: ``fastapi.routing.iter_route_contexts`` (FastAPI 0.165+, where an included
+  router's routes are served through inclusion contexts that add the router's dependencies)
+  gives each route with the dependant it is served with; the guard is installed on the
+  ``handle`` of each ``APIRoute`` one of whose dependants takes a request session (:mod:`._guard`).
 - opentelemetry-instrumentation-sqlalchemy's ``EngineTracer``: the class its instrumentor attaches
   to each engine, built here for the engines of a maker with ``tracing=True`` (the instrumentor is
   a process-wide singleton that instruments the engines of its first call only).
@@ -26,8 +30,10 @@ What is read, and why:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import select
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -35,8 +41,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 __all__ = [
+    "api_routes",
     "dead_connection_probe",
     "fastapi_function_stack",
+    "is_generator_dependency",
     "otel_trace_engine",
     "pool_max_overflow",
     "pool_pre_ping",
@@ -54,6 +62,34 @@ def fastapi_function_stack(scope: Any) -> AsyncExitStack | None:
     """FastAPI's exit stack closed right after the endpoint (and its ``scope="function"`` deps)."""
     stack = scope.get(FUNCTION_STACK_KEY)
     return stack if isinstance(stack, AsyncExitStack) else None
+
+
+def api_routes(routes: Any) -> Iterator[tuple[Any, Any]]:
+    """Every HTTP route of FastAPI's reachable from ``routes``, with a dependant it is served with:
+    ``(APIRoute, Dependant)`` pairs, one per inclusion of the route (so one route can come twice,
+    with different router dependencies), and ``(Mount, None)`` for each mounted application."""
+    from fastapi import routing
+    from starlette.routing import Host, Mount
+
+    contexts = getattr(routing, "iter_route_contexts", None)
+    for context in contexts(routes) if contexts is not None else routes:
+        route = getattr(context, "original_route", context)
+        if isinstance(route, routing.APIRoute):
+            yield route, context.dependant
+        elif isinstance(route, (Mount, Host)):
+            yield route, None
+
+
+def is_generator_dependency(call: Any) -> bool:
+    """Whether FastAPI runs ``call`` as a dependency with ``yield`` (a function or a callable object)."""
+    while isinstance(call, functools.partial):
+        call = call.func
+    if inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call):
+        return True
+    if inspect.isroutine(call) or inspect.isclass(call):
+        return False
+    dunder_call = inspect.getattr_static(type(call), "__call__", None)  # FastAPI runs its __call__
+    return inspect.isgeneratorfunction(dunder_call) or inspect.isasyncgenfunction(dunder_call)
 
 
 _UVICORN_CYCLES = (

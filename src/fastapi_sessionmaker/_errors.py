@@ -10,6 +10,7 @@ import socket
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from starlette.responses import Response
 from starlette.types import Send
 
 logger = logging.getLogger("fastapi_sessionmaker")
@@ -23,6 +24,7 @@ __all__ = [
     "is_integrity_error",
     "is_retryable",
     "log_mapped",
+    "problem_response",
     "send_problem",
 ]
 
@@ -366,13 +368,26 @@ def log_mapped(problem: Problem, exc: BaseException, *, method: str, path: str, 
     )
 
 
-async def send_problem(send: Send, problem: Problem) -> None:
-    """Send ``problem`` as a complete ``application/problem+json`` response on the ASGI ``send``."""
+def _encoded(problem: Problem) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     body = json.dumps(problem.body()).encode()
     headers = [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(body)).encode()),
     ]
     headers.extend((k.lower().encode(), v.encode()) for k, v in problem.headers.items())
+    return body, headers
+
+
+async def send_problem(send: Send, problem: Problem) -> None:
+    """Send ``problem`` as a complete ``application/problem+json`` response on the ASGI ``send``."""
+    body, headers = _encoded(problem)
     await send({"type": "http.response.start", "status": problem.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def problem_response(problem: Problem) -> Response:
+    """``problem`` as a Starlette response (for an exception handler), as :func:`send_problem` sends it."""
+    body, headers = _encoded(problem)
+    response = Response(body, status_code=problem.status)
+    response.raw_headers = headers
+    return response

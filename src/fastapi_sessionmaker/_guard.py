@@ -11,13 +11,24 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_sessionmaker import _compat
-from fastapi_sessionmaker._errors import Problem, is_retryable, log_mapped, send_problem
+from fastapi_sessionmaker._errors import Problem, is_retryable, log_mapped, problem_response, send_problem
 from fastapi_sessionmaker._multidb import PARTIAL
 from fastapi_sessionmaker._notfound import not_found_response
-from fastapi_sessionmaker._request import CURRENT, ErrorMapper, Registry, RequestMaker, RequestState
+from fastapi_sessionmaker._request import (
+    CURRENT,
+    ErrorMapper,
+    Registry,
+    RequestMaker,
+    RequestState,
+    current_state,
+    is_request_session,
+)
 from fastapi_sessionmaker._retry import next_delay
 from fastapi_sessionmaker._shield import poll_receive, run_to_completion
 from fastapi_sessionmaker.exceptions import NotFoundError
@@ -29,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("fastapi_sessionmaker")
 
-__all__ = ["SessionGuard", "chain_lifespan", "registry_for"]
+__all__ = ["SessionGuard", "chain_lifespan", "guard_routes", "registry_for"]
 
 
 REPLAY_LIMIT = 1 << 20
@@ -291,11 +302,76 @@ def registry_for(app: FastAPI, *, error_mapper: ErrorMapper | None = None) -> Re
     if not isinstance(registry, Registry):
         registry = Registry()
         app.state.fastapi_sessionmaker = registry
-        app.add_middleware(SessionGuard, registry=registry)
+        app.add_middleware(guard_routes, registry=registry, routes=app.router)
         app.add_exception_handler(NotFoundError, not_found_response)  # get_or_404: problem JSON
+        app.add_exception_handler(sa.exc.SQLAlchemyError, _unguarded_errors(registry))
     if error_mapper is not None:
         registry.error_mapper = error_mapper
     return registry
+
+
+def guard_routes(app: ASGIApp, registry: Registry, routes: Any) -> ASGIApp:
+    """Put the guard on each route that takes a request session; return ``app`` as it is.
+
+    Called by Starlette where the guard sits in ``app.user_middleware``, when it builds the
+    middleware stack: at start-up (or the first request), once every route is there. A route is
+    guarded when one of its dependants (one per inclusion of the route, with the including
+    routers' dependencies) has, at any depth, a request-session dependency or a dependency with
+    ``yield`` (``get_db()`` and wrappers of it join the request's session through the guard).
+    Every other route, and every request that matches none, is served by FastAPI alone: no layer
+    of ours, no object, no context variable. Mounted routers and apps are walked too, except an
+    app with a registry of its own (its own ``init_app``: it guards its routes with its makers).
+
+    A maker that observes every request (``stats=True``, :mod:`._observe`) needs the guard in
+    front of every request instead: then this returns the guard around ``app``.
+    """
+    if registry.observer is not None:
+        return SessionGuard(app, registry)
+    _guard_routes_of(routes, registry)
+    return app
+
+
+def _unguarded_errors(registry: Registry) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """The exception handler for SQLAlchemy's errors: mapped like the guard maps them on routes the
+    guard is not on (a ``task_session()`` or ``context_session()`` in an endpoint without a request
+    session, a request session kept past its request); re-raised on the guard's own routes, whose
+    guard rolls back, retries or maps the error itself."""
+
+    async def database_error(request: Request, exc: Exception) -> Response:
+        if current_state() is not None:
+            raise exc
+        problem = registry.error_mapper(exc)
+        if problem is None:
+            raise exc
+        log_mapped(
+            problem, exc, method=request.method, path=request.url.path, database="(no request session)"
+        )
+        return problem_response(problem)
+
+    return database_error
+
+
+def _guard_routes_of(routes: Any, registry: Registry) -> None:
+    for route, dependant in _compat.api_routes(routes.routes):
+        if dependant is None:  # a mount
+            mounted = getattr(route, "app", None)
+            state = getattr(mounted, "state", None)
+            if not isinstance(getattr(state, "fastapi_sessionmaker", None), Registry):
+                _guard_routes_of(route, registry)
+        elif not isinstance(route.__dict__.get("handle"), SessionGuard) and _takes_session(dependant):
+            route.handle = SessionGuard(route.handle, registry)
+
+
+def _takes_session(dependant: Any) -> bool:
+    """Whether a dependency of ``dependant``, at any depth, is a request session or has ``yield``."""
+    pending = list(dependant.dependencies)
+    while pending:
+        sub = pending.pop()
+        call = sub.call
+        if call is not None and (is_request_session(call) or _compat.is_generator_dependency(call)):
+            return True
+        pending.extend(sub.dependencies)
+    return False
 
 
 def chain_lifespan(app: FastAPI, hook: Callable[[], contextlib.AbstractAsyncContextManager[None]]) -> None:

@@ -52,7 +52,7 @@ __all__ = [
     "dependency_for",
     "dependency_of",
     "enter_state",
-    "require_state",
+    "is_request_session",
     "reset_state",
 ]
 
@@ -276,17 +276,6 @@ def current_state() -> RequestState | None:
     return None if ref is None else ref()
 
 
-def require_state() -> RequestState:
-    state = current_state()
-    if state is None:
-        raise NotInstalledError(
-            "fastapi_sessionmaker: this app has no session guard, so the request session cannot "
-            "be committed before the response. Call maker.init_app(app) once after creating the "
-            "app (or, in tests, use the app that did)."
-        )
-    return state
-
-
 def dependency_for(
     resolve: Callable[[RequestState], RequestMaker], policy: CommitPolicy | None, retries: int = 0
 ) -> Callable[[HTTPConnection], Awaitable[Any]]:
@@ -307,7 +296,9 @@ def dependency_for(
                 "instead: `with maker.context_session() as session:` "
                 "(async: `async with maker.context_session() as session:`)"
             )
-        state = require_state()
+        state = current_state()
+        if state is None:
+            raise _not_guarded(request)
         stack = _compat.fastapi_function_stack(request.scope)
         if stack is None:
             raise NotInstalledError(
@@ -321,7 +312,33 @@ def dependency_for(
             state.retries = retries
         return session
 
+    request_session.fastapi_sessionmaker_session = True  # type: ignore[attr-defined]
     return request_session
+
+
+def is_request_session(call: Any) -> bool:
+    """Whether ``call`` is a request-session dependency (``DBSession``, ``db.dependency``, ...)."""
+    return getattr(call, "fastapi_sessionmaker_session", False) is True
+
+
+def _not_guarded(request: HTTPConnection) -> NotInstalledError:
+    app = request.scope.get("app")
+    if not isinstance(getattr(getattr(app, "state", None), "fastapi_sessionmaker", None), Registry):
+        return NotInstalledError(
+            "fastapi_sessionmaker: this app has no session guard, so the request session cannot "
+            "be committed before the response. Call maker.init_app(app) once after creating the "
+            "app (or, in tests, use the app that did)."
+        )
+    route = request.scope.get("route")
+    where = getattr(route, "path", None) or request.scope.get("path", "?")
+    return NotInstalledError(
+        f"fastapi_sessionmaker: the route {where} has no session guard. The guard is installed "
+        "when the app starts, on every route one of whose dependencies is a request session or a "
+        "dependency with yield; this route had none then (it was added after the app started, "
+        "or a dependency override brought the session in). Declare the session on the route "
+        "(a DBSession parameter, or dependencies=[Depends(dependency_of(DBSession))]) or add "
+        "the route before the app starts."
+    )
 
 
 def _default_sync(state: RequestState) -> RequestMaker:
