@@ -309,10 +309,18 @@ def test_a_replica_that_is_down_is_skipped_and_with_none_left_reads_go_to_the_pr
     assert drive.read(nothing)[1] is False
 
 
-def test_a_password_in_a_replica_url_is_never_logged(
-    drive: Driver, shared: None, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "postgresql://postgres:s3cret@127.0.0.1:{port}/{name}",  # the password
+        "postgresql://postgres@127.0.0.1:{port}/{name}?password=s3cret",  # a query value
+    ],
+    ids=["password", "query"],
+)
+def test_a_secret_in_a_replica_url_is_never_logged(
+    drive: Driver, shared: None, caplog: pytest.LogCaptureFixture, shape: str
 ) -> None:
-    secret = f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/{NAME}"
+    secret = shape.format(port=free_port(), name=NAME)
     maker = drive.maker([secret], replica_check_interval=60)
     with caplog.at_level(logging.DEBUG, "fastapi_sessionmaker"):
         assert drive.read(maker)[0] == PRIMARY_PORT
