@@ -503,6 +503,47 @@ def test_a_failed_prepare_stores_nothing(
     assert not set(prepared) & set(prepared_on(main) + prepared_on(other))
 
 
+def refuse_prepare(maker: Maker, refused: list[str]) -> None:
+    """Make the server refuse ``maker``'s next PREPARE TRANSACTION: right before it, the transaction
+    touches a temporary table, which PostgreSQL cannot prepare (0A000). Any error the server
+    raises at PREPARE goes this way: after psycopg has marked the transaction prepared."""
+
+    def touch(connection: sa.Connection, xid: Any, *args: Any) -> None:
+        refused.append(xid.decode() if isinstance(xid, bytes) else str(xid))
+        connection.exec_driver_sql("CREATE TEMPORARY TABLE fsm_md_unpreparable (x int) ON COMMIT DROP")
+
+    sa.event.listen(sync_engine_of(maker), "prepare_twophase", touch, once=True)
+
+
+@pytest.mark.parametrize("pair", [p for p in SECOND_PG if p in TWO_PHASE], indirect=True)
+def test_a_prepare_the_server_refuses_stores_nothing_and_discards_its_connection(
+    pair: Callable[..., tuple[Maker, Maker]], twin: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    main, other = pair(main={"two_phase": True}, reports={"two_phase": True})
+    prepared: list[str] = []
+    refused: list[str] = []
+    record(main, "prepare_twophase", prepared)
+    refuse_prepare(other, refused)
+    caplog.set_level(logging.INFO)
+    with TestClient(write_app(main, other, twin), raise_server_exceptions=False) as client:
+        response = client.post("/write")
+        assert response.status_code == 500, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert len(prepared) == 1  # main was prepared, then rolled back
+        assert len(refused) == 1
+        assert ids(main) == []
+        assert ids(other) == []
+        assert not set(prepared + refused) & set(prepared_on(main) + prepared_on(other))
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, errors  # the mapped error, and no failed rollback or pool reset
+        # the server's refusal (NotSupportedError; asyncpg's comes as DBAPIError), not a failed rollback
+        assert errors[0].split(":")[1].strip().split()[0] in {"NotSupportedError", "DBAPIError"}, errors
+        # The pool recovers: the next request stores both.
+        assert client.post("/write").status_code == 200
+    assert ids(main) == [1]
+    assert ids(other) == [2]
+
+
 @pytest.mark.parametrize("pair", TWO_PHASE, indirect=True)
 @pytest.mark.usefixtures("killed_connections_collected")
 def test_a_connection_lost_before_prepare_stores_nothing(

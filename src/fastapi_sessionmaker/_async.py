@@ -18,7 +18,7 @@ from fastapi_sessionmaker._base import MakerBase
 from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys
 from fastapi_sessionmaker._fork import fork_safe
 from fastapi_sessionmaker._liveness import install_liveness_check
-from fastapi_sessionmaker._multidb import in_doubt, resolve_in_doubt
+from fastapi_sessionmaker._multidb import discard_on_failed_prepare, in_doubt, resolve_in_doubt
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._retry import run_async
@@ -83,6 +83,8 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
         if self.sqlite_foreign_keys:
             enforce_sqlite_foreign_keys(engine.sync_engine)
         fork_safe(engine.sync_engine)
+        if self.two_phase:
+            discard_on_failed_prepare(engine.sync_engine)
         if self.observer is not None:
             self.observer.instrument(engine.sync_engine)
         return engine

@@ -43,7 +43,15 @@ from fastapi_sessionmaker.exceptions import ConfigurationError
 if TYPE_CHECKING:
     from fastapi_sessionmaker._request import RequestMaker, RequestState
 
-__all__ = ["PARTIAL", "PartialCommit", "check_two_phase", "finish_several", "in_doubt", "resolve_in_doubt"]
+__all__ = [
+    "PARTIAL",
+    "PartialCommit",
+    "check_two_phase",
+    "discard_on_failed_prepare",
+    "finish_several",
+    "in_doubt",
+    "resolve_in_doubt",
+]
 
 logger = logging.getLogger("fastapi_sessionmaker")
 
@@ -89,6 +97,30 @@ def _xid(session: Any) -> str:
         if xid is not None:
             return xid.decode() if isinstance(xid, bytes) else str(xid)
     return "?"
+
+
+def discard_on_failed_prepare(engine: sa.Engine) -> None:
+    """Discard the connection of a PREPARE that failed, instead of rolling it back.
+
+    The server has already rolled the transaction back (PostgreSQL: a failed ``PREPARE
+    TRANSACTION`` "becomes a ROLLBACK"; MySQL/MariaDB end the XA transaction), but the driver may
+    not know it: psycopg marks the transaction prepared before its PREPARE succeeds, and then
+    refuses ``rollback()``. SQLAlchemy's own rollback after the failure would raise that refusal
+    in place of the server's error, and the pool's reset would fail again on return. Invalidated,
+    the connection is closed (whatever the server still held is ended with it), SQLAlchemy skips
+    the rollback, the server's error is the one raised, and the pool opens a fresh connection.
+    """
+    dialect = engine.dialect
+    prepare = dialect.do_prepare_twophase
+
+    def do_prepare_twophase(connection: sa.Connection, xid: Any) -> None:
+        try:
+            prepare(connection, xid)
+        except Exception:
+            connection.invalidate()
+            raise
+
+    dialect.do_prepare_twophase = do_prepare_twophase  # type: ignore[method-assign]
 
 
 def _prepare_sync(session: Any) -> str:

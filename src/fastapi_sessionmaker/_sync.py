@@ -14,7 +14,7 @@ from fastapi_sessionmaker._base import MakerBase
 from fastapi_sessionmaker._engines import enforce_sqlite_foreign_keys
 from fastapi_sessionmaker._fork import fork_safe
 from fastapi_sessionmaker._liveness import install_liveness_check
-from fastapi_sessionmaker._multidb import in_doubt, resolve_in_doubt
+from fastapi_sessionmaker._multidb import discard_on_failed_prepare, in_doubt, resolve_in_doubt
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._retry import run_sync
@@ -139,6 +139,8 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
     def _engine_for(self, url: sa.URL, variable: str) -> sa.Engine:
         kwargs = self._engine_kwargs(url, variable)
         engine = create_checked_engine(url, kwargs, variable, sqlite_foreign_keys=self.sqlite_foreign_keys)
+        if self.two_phase:
+            discard_on_failed_prepare(engine)
         if self.observer is not None:
             self.observer.instrument(engine)
         return engine
