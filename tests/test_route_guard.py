@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from fastapi_sessionmaker import AsyncFastAPISessionMaker, _compat
+from fastapi_sessionmaker import AsyncDBSession, AsyncFastAPISessionMaker, DBSession, _compat, dependency_of
 from fastapi_sessionmaker._guard import SessionGuard
 from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker.exceptions import NotInstalledError
@@ -267,3 +267,37 @@ def test_generator_dependencies_of_every_shape_are_recognised() -> None:
     assert not is_generator_dependency(plain)
     assert not is_generator_dependency(Plain())
     assert not is_generator_dependency(Gen)  # a class: FastAPI calls it to make an instance
+
+
+def test_one_router_in_two_apps_serves_each_app_with_its_own_makers(make_maker: MakerFactory) -> None:
+    """The app-factory pattern: a module-level router included in a new app per test, each with
+    its own maker. FastAPI 0.165 shares the router's route objects between the apps, so the
+    guard on a route takes the makers of the app serving the request, not of the first one."""
+    router = APIRouter()
+    makers: list[Maker] = []
+    twin = make_maker()
+    default_session = dependency_of(AsyncDBSession if twin.is_async else DBSession)
+
+    @router.get("/which")
+    async def which(session: Annotated[Any, Depends(default_session)]) -> int:
+        state = current_state()
+        assert state is not None
+        return next(n for n, maker in enumerate(makers) if maker is state.entries[0].maker)
+
+    def create_app() -> FastAPI:
+        app = FastAPI()  # the route takes the app's default session: DBSession or AsyncDBSession
+        maker = make_maker()
+        makers.append(maker)
+        maker.init_app(app, check_on_startup=False)
+        app.include_router(router)
+        return app
+
+    first, second = create_app(), create_app()
+    with TestClient(first) as one, TestClient(second) as two:
+        assert one.get("/which").json() == 0
+        assert two.get("/which").json() == 1
+        assert one.get("/which").json() == 0
+    bare = FastAPI()  # no init_app: the router's guarded route must not borrow another app's makers
+    bare.include_router(router)
+    with TestClient(bare) as client, pytest.raises(NotInstalledError, match=r"Call maker\.init_app"):
+        client.get("/which")

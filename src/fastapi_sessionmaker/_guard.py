@@ -77,8 +77,10 @@ class _Exchange:
     recorded = 0
     attempt = 1
 
-    def __init__(self, guard: SessionGuard, scope: Scope, receive: Receive, send: Send) -> None:
-        self.state = RequestState(guard.registry)
+    def __init__(
+        self, guard: SessionGuard, registry: Registry, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        self.state = RequestState(registry)
         self.guard = guard
         self.scope = scope
         self._receive = receive
@@ -86,7 +88,7 @@ class _Exchange:
 
     def again(self) -> _Exchange:
         """The next attempt of this request: a fresh state, the request body replayed."""
-        retry = _Exchange(self.guard, self.scope, self._receive, self._send)
+        retry = _Exchange(self.guard, self.state.registry, self.scope, self._receive, self._send)
         retry.attempt = self.attempt + 1
         retry.disconnected = self.disconnected
         retry.state.stats = self.state.stats  # every attempt counts in the request's stats
@@ -201,21 +203,30 @@ class _Exchange:
 class SessionGuard:
     """Pure ASGI layer installed by ``init_app``: commits request sessions before the response.
 
+    On a route (``registry`` None, see :func:`guard_routes`) it serves each request with the
+    makers of the app serving it: one router's routes can be included in several apps (FastAPI
+    0.165 shares the route objects between them). In front of a whole app it has that app's.
     Per HTTP request it costs two small objects, one context-variable set and a ``send`` that
     passes messages through; requests that open no session do no database work, no thread hop
     and no extra loop turn.
     """
 
-    def __init__(self, app: ASGIApp, registry: Registry) -> None:
+    def __init__(self, app: ASGIApp, registry: Registry | None = None) -> None:
         self.app = app
         self.registry = registry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        registry = self.registry
+        if registry is None and scope["type"] == "http":
+            registry = _registry_of(scope)
+            outer = current_state()
+            if outer is not None and outer.registry is registry:
+                registry = None  # the guard in front of the whole app serves it (stats=True)
+        if registry is None or scope["type"] != "http":  # no maker installed: FastAPI's alone
             await self.app(scope, receive, send)
             return
-        first = _Exchange(self, scope, receive, send)
-        observer = self.registry.observer
+        first = _Exchange(self, registry, scope, receive, send)
+        observer = registry.observer
         if observer is not None:  # an installed maker observes: stats for this request
             first.observe(observer.start(scope))
         exchange: _Exchange | None = first
@@ -245,7 +256,7 @@ class SessionGuard:
             raise exc
         if exchange.may_retry(exc):
             return exc
-        problem = self.registry.error_mapper(exc)
+        problem = state.registry.error_mapper(exc)
         if problem is None:
             raise exc
         maker = state.entries[0].maker if state.entries else None
@@ -276,7 +287,7 @@ class SessionGuard:
         if state.partial is not None:  # stored in some databases only: one line says which
             state.partial.log(scope.get("method", ""), scope.get("path", ""))
             return PARTIAL
-        problem = self.registry.error_mapper(exc)
+        problem = state.registry.error_mapper(exc)
         if problem is None:
             logger.error(
                 "commit failed with a non-database error on %s %s (database %r)",
@@ -302,6 +313,10 @@ def registry_for(app: FastAPI, *, error_mapper: ErrorMapper | None = None) -> Re
     if not isinstance(registry, Registry):
         registry = Registry()
         app.state.fastapi_sessionmaker = registry
+        # Where a route's guard finds it per request (_registry_of): on the app, and on its router
+        # for the routes of mounted apps without makers of their own.
+        app.fastapi_sessionmaker_registry = registry  # type: ignore[attr-defined]
+        app.router.fastapi_sessionmaker_registry = registry  # type: ignore[attr-defined]
         app.add_middleware(guard_routes, registry=registry, routes=app.router)
         app.add_exception_handler(NotFoundError, not_found_response)  # get_or_404: problem JSON
         app.add_exception_handler(sa.exc.SQLAlchemyError, _unguarded_errors(registry))
@@ -319,15 +334,15 @@ def guard_routes(app: ASGIApp, registry: Registry, routes: Any) -> ASGIApp:
     routers' dependencies) has, at any depth, a request-session dependency or a dependency with
     ``yield`` (``get_db()`` and wrappers of it join the request's session through the guard).
     Every other route, and every request that matches none, is served by FastAPI alone: no layer
-    of ours, no object, no context variable. Mounted routers and apps are walked too, except an
-    app with a registry of its own (its own ``init_app``: it guards its routes with its makers).
+    of ours, no object, no context variable. Mounted routers and apps are walked too. Each route's
+    guard takes the makers of the app serving the request (:func:`_registry_of`).
 
     A maker that observes every request (``stats=True``, :mod:`._observe`) needs the guard in
     front of every request instead: then this returns the guard around ``app``.
     """
     if registry.observer is not None:
         return SessionGuard(app, registry)
-    _guard_routes_of(routes, registry)
+    _guard_routes_of(routes)
     return app
 
 
@@ -351,15 +366,21 @@ def _unguarded_errors(registry: Registry) -> Callable[[Request, Exception], Awai
     return database_error
 
 
-def _guard_routes_of(routes: Any, registry: Registry) -> None:
+def _guard_routes_of(routes: Any) -> None:
     for route, dependant in _compat.api_routes(routes.routes):
-        if dependant is None:  # a mount
-            mounted = getattr(route, "app", None)
-            state = getattr(mounted, "state", None)
-            if not isinstance(getattr(state, "fastapi_sessionmaker", None), Registry):
-                _guard_routes_of(route, registry)
+        if dependant is None:  # a mount: its routes too (served with the mounted app's makers, if any)
+            _guard_routes_of(route)
         elif not isinstance(route.__dict__.get("handle"), SessionGuard) and _takes_session(dependant):
-            route.handle = SessionGuard(route.handle, registry)
+            route.handle = SessionGuard(route.handle)
+
+
+def _registry_of(scope: Scope) -> Registry | None:
+    """The registry of the app serving ``scope``: the innermost app's (``scope["app"]``), else the
+    outermost app's (``scope["router"]``, set by the first router), for a mounted app without one."""
+    registry = getattr(scope.get("app"), "fastapi_sessionmaker_registry", None)
+    if registry is None:
+        registry = getattr(scope.get("router"), "fastapi_sessionmaker_registry", None)
+    return registry if isinstance(registry, Registry) else None
 
 
 def _takes_session(dependant: Any) -> bool:
