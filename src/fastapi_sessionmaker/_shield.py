@@ -39,16 +39,8 @@ class _Unstoppable(asyncio.Task):  # type: ignore[type-arg]
         return False
 
 
-if sys.version_info >= (3, 12):
-
-    def _start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        """A task that runs ``coro`` at once up to its first wait (one loop turn saved)."""
-        return _Unstoppable(coro, loop=loop, eager_start=True)
-
-else:
-
-    def _start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        return _Unstoppable(coro, loop=loop)
+# Python >= 3.12 starts the task at once, up to its first wait (one loop turn saved).
+_EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
 
 
 async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
@@ -61,12 +53,15 @@ async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *a
     meanwhile is re-raised once the work is done, so the caller never returns before its cleanup
     finished.
     """
-    loop = _asyncio_loop()
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()  # inline: one call less
+    except RuntimeError:  # another event loop (trio): anyio's shield covers every cancellation
+        loop = None
     if loop is None:
         with anyio.CancelScope(shield=True):
             result = await function(*args)
         return result
-    task = _start(loop, function(*args))
+    task: asyncio.Task[_T] = _Unstoppable(function(*args), loop=loop, **_EAGER)
     if task.done():  # finished without waiting (Python >= 3.12 starts it eagerly): no task switch
         return task.result()
     try:
