@@ -298,7 +298,9 @@ def current_state() -> RequestState | None:
 
 
 def require_state() -> RequestState:
-    state = current_state()
+    """The current request's state; :class:`NotInstalledError` when no guard serves the request."""
+    ref = _current.get()  # current_state(), inline: once per request session
+    state = None if ref is None else ref()
     if state is None:
         raise NotInstalledError(
             "fastapi_sessionmaker: this app has no session guard, so the request session cannot "
