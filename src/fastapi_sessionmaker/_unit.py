@@ -281,10 +281,11 @@ class AsyncLifecycle:
         """Close the session; without a transaction no I/O (and no greenlet) is needed."""
         if is_busy(session):
             await session.wait_idle()  # type: ignore[attr-defined]
-        if self.close_now(session):
-            return
         try:
-            await session.close()
+            if session.in_transaction():
+                await session.close()
+            else:
+                session.sync_session.close()  # no transaction: see close_now()
         finally:
             mark_closed(session)
 
