@@ -3,6 +3,7 @@ connected on a server that is polled (not uvicorn), a cancellation arriving duri
 runs in its own task, and endpoints without a session untouched."""
 
 import asyncio
+import sys
 import time
 from typing import Annotated, Any
 
@@ -103,3 +104,88 @@ def test_a_commit_with_the_client_still_there_is_polled_without_waiting(
     assert sent[0]["type"] == "http.response.start"
     assert sent[0]["status"] == 200
     assert stored_emails(sync_engine) == ["stays@x"]
+
+
+def test_the_poll_runs_receive_one_step_and_undoes_a_wait_like_a_cancellation() -> None:
+    """``poll_receive`` steps ``receive()`` in the calling task, without the event loop: a message
+    ready is returned; a receive that would wait is undone as ``task.cancel()`` would undo it
+    (asyncio's queues and events forget their waiter), and the task's own cancellation is kept."""
+    from fastapi_sessionmaker._shield import poll_receive
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ready: Message = {"type": "http.request", "body": b"", "more_body": False}
+
+        async def at_once() -> Message:
+            return ready
+
+        assert await poll_receive(at_once) is ready
+
+        queue: asyncio.Queue[Message] = asyncio.Queue()
+        assert await poll_receive(queue.get) is None
+        assert not queue._getters  # type: ignore[attr-defined]  # the waiter was removed
+        queue.put_nowait(ready)
+        assert await poll_receive(queue.get) is ready  # a later message is not lost
+
+        event = asyncio.Event()
+
+        async def on_event() -> Message:
+            await event.wait()
+            return ready
+
+        assert await poll_receive(on_event) is None
+        assert not event._waiters
+
+        async def answers_when_cancelled() -> Message:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                return {"type": "http.disconnect"}
+            raise AssertionError("not reached")  # pragma: no cover
+
+        assert await poll_receive(answers_when_cancelled) == {"type": "http.disconnect"}
+
+        async def after_sleep_0() -> Message:
+            await asyncio.sleep(0)  # suspends without a future: it would wait a loop turn
+            return ready
+
+        assert await poll_receive(after_sleep_0) is None
+
+        # Not a coroutine: awaited, interrupted at the next loop turn.
+        pending = loop.create_future()
+        assert await poll_receive(lambda: pending) is None
+        done = loop.create_future()
+        done.set_result(ready)
+        assert await poll_receive(lambda: done) is ready
+
+        task = asyncio.current_task()
+        assert task is not None
+        if sys.version_info >= (3, 11):
+            assert task.cancelling() == 0  # no poll left a cancellation behind
+
+    asyncio.run(scenario())
+
+
+def test_the_poll_keeps_a_cancellation_the_task_already_received() -> None:
+    """A ``task.cancel()`` pending when the guard polls is delivered at the task's next wait."""
+    from fastapi_sessionmaker._shield import poll_receive
+
+    async def waits() -> Message:
+        await asyncio.Event().wait()
+        raise AssertionError("not reached")  # pragma: no cover
+
+    async def polled() -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        assert await poll_receive(waits) is None  # one step: no wait, so not interrupted
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            return "cancelled at the next wait"
+        return "cancellation lost"
+
+    async def scenario() -> str:
+        return await asyncio.get_running_loop().create_task(polled())
+
+    assert asyncio.run(scenario()) == "cancelled at the next wait"

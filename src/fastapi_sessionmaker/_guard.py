@@ -189,10 +189,8 @@ class _Exchange:
 
     async def close_all(self, *, retrying: bool = False) -> None:
         state = self.state
-        if state.needs_io_to_close():
+        if not state.close_now():  # no I/O, so nothing to interrupt: closed here, without a task
             await run_to_completion(state.close)
-        else:
-            await state.close()  # nothing to roll back: no I/O, so nothing to interrupt
         if retrying:
             state.ready = None  # a failed attempt's callbacks are discarded
         elif state.ready:  # on_commit / on_rollback callbacks: the response has been sent

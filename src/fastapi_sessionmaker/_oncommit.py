@@ -161,7 +161,8 @@ def on_rollback(session: Any, callback: Callback) -> None:
 
 def settle(session: Any, committed: bool) -> list[Callback]:
     """Apply the unit of work's outcome to what is still pending; the callbacks to run, in order."""
-    callbacks = _callbacks(sync_of(session), create=False)
+    # _callbacks(sync_of(session), create=False) inline: once per request session, most have none.
+    callbacks: _Callbacks | None = getattr(getattr(session, "sync_session", session), "_fsm_callbacks", None)
     if callbacks is None:
         return []
     if committed:

@@ -204,15 +204,29 @@ class RequestState:
             return (exc, entry.maker)
         finally:
             mark_response_started(entry.session)
-            entry.release()
+            if entry.semaphore is not None:
+                entry.release()
         return None
 
-    def needs_io_to_close(self) -> bool:
-        """Whether closing may talk to a database (a transaction is still open somewhere)."""
-        return any(
-            not entry.closed and (not entry.finished or entry.session.in_transaction())
-            for entry in self.entries
-        )
+    def close_now(self) -> bool:
+        """Close every session here, on the event loop, if none needs I/O or a wait to close
+        (each ended, holding no transaction, used by no other task or thread); whether all are
+        closed. The others are left to :meth:`close`, run shielded from cancellation."""
+        for entry in self.entries:
+            if not entry.closed and not entry.finished:
+                return False  # still to roll back: I/O
+        for entry in self.entries:
+            if entry.closed:
+                continue
+            discarded = discarded_changes(entry.session)  # asked before the close forgets them
+            try:
+                if not entry.maker.lifecycle.close_now(entry.session):
+                    return False  # busy, or a transaction began after the response started
+            except Exception:
+                logger.exception("closing a session of database %r failed", entry.maker.name)
+            entry.closed = True
+            self._closed(entry, discarded)
+        return True
 
     async def close(self) -> None:
         """Close every session (when the response is complete, or the request ends or is cancelled)."""
@@ -220,12 +234,7 @@ class RequestState:
             if entry.closed:
                 continue
             entry.closed = True
-            if discarded_changes(entry.session):
-                logger.error(
-                    "changes made to objects of a request session after its response started were "
-                    "discarded (database %r): write before returning the response",
-                    entry.maker.name,
-                )
+            discarded = discarded_changes(entry.session)
             try:
                 if not entry.finished:
                     entry.finished = True
@@ -234,12 +243,24 @@ class RequestState:
             except Exception:
                 logger.exception("closing a session of database %r failed", entry.maker.name)
             finally:
-                entry.release()
-                callbacks = settle(entry.session, entry.committed)
-                if callbacks:
-                    if self.ready is None:
-                        self.ready = []
-                    self.ready.append((callbacks, entry.maker.name))
+                self._closed(entry, discarded)
+
+    def _closed(self, entry: _Entry, discarded: bool) -> None:
+        """What follows a session's close: the discarded changes logged, its pool slot given
+        back, its callbacks settled."""
+        if discarded:
+            logger.error(
+                "changes made to objects of a request session after its response started were "
+                "discarded (database %r): write before returning the response",
+                entry.maker.name,
+            )
+        if entry.semaphore is not None:
+            entry.release()
+        callbacks = settle(entry.session, entry.committed)
+        if callbacks:
+            if self.ready is None:
+                self.ready = []
+            self.ready.append((callbacks, entry.maker.name))
 
     async def run_callbacks(self, where: str) -> None:
         """Run the ``on_commit`` / ``on_rollback`` callbacks the closed sessions settled."""
@@ -296,7 +317,8 @@ def dependency_for(
                 "instead: `with maker.context_session() as session:` "
                 "(async: `async with maker.context_session() as session:`)"
             )
-        state = current_state()
+        ref = _current.get()  # current_state(), inline: once per request session
+        state = None if ref is None else ref()
         if state is None:
             raise _not_guarded(request)
         stack = _compat.fastapi_function_stack(request.scope)

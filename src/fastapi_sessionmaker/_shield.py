@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar, cast
 
 import anyio
 from starlette.types import Message, Receive
@@ -39,16 +39,8 @@ class _Unstoppable(asyncio.Task):  # type: ignore[type-arg]
         return False
 
 
-if sys.version_info >= (3, 12):
-
-    def _start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        """A task that runs ``coro`` at once up to its first wait (one loop turn saved)."""
-        return _Unstoppable(coro, loop=loop, eager_start=True)
-
-else:
-
-    def _start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        return _Unstoppable(coro, loop=loop)
+# Python >= 3.12 starts the task at once, up to its first wait (one loop turn saved).
+_EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
 
 
 async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
@@ -61,12 +53,15 @@ async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *a
     meanwhile is re-raised once the work is done, so the caller never returns before its cleanup
     finished.
     """
-    loop = _asyncio_loop()
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()  # inline: one call less
+    except RuntimeError:  # another event loop (trio): anyio's shield covers every cancellation
+        loop = None
     if loop is None:
         with anyio.CancelScope(shield=True):
             result = await function(*args)
         return result
-    task = _start(loop, function(*args))
+    task: asyncio.Task[_T] = _Unstoppable(function(*args), loop=loop, **_EAGER)
     if task.done():  # finished without waiting (Python >= 3.12 starts it eagerly): no task switch
         return task.result()
     try:
@@ -82,9 +77,10 @@ async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *a
 async def poll_receive(receive: Receive) -> Message | None:
     """The next ASGI message if the server has one ready, ``None`` if ``receive`` would wait.
 
-    Runs in a task of its own (see :func:`run_to_completion`): the interruption is a plain
-    ``task.cancel()`` scheduled for the next loop iteration, far cheaper than a cancelled anyio
-    scope. A server that knows the client is gone answers ``http.disconnect`` at once.
+    On asyncio, ``receive()`` is run one step, in the calling task and without the event loop
+    (:func:`_step_once`): no loop turn is spent. Anything but a coroutine, and other event loops,
+    are interrupted instead: see :func:`_interrupted_receive`. A server that knows the client is
+    gone answers ``http.disconnect`` at once.
     """
     loop = _asyncio_loop()
     if loop is None:
@@ -92,6 +88,45 @@ async def poll_receive(receive: Receive) -> Message | None:
             scope.cancel()
             return await receive()
         return None
+    awaitable = receive()
+    if isinstance(awaitable, Coroutine):
+        return _step_once(awaitable)
+    return await _interrupted_receive(loop, awaitable)
+
+
+def _step_once(coro: Coroutine[Any, Any, Message]) -> Message | None:
+    """What ``coro`` returns without waiting, else ``None``, ``coro`` then undone as if cancelled.
+
+    This is one step of what the calling task would do, run by hand: ``coro`` runs up to its
+    first suspension in the task itself (``asyncio.current_task()``, the context and anyio's
+    scopes are the task's). If it suspends, nothing else has run yet and the task never learns of
+    the future it waits on; ``coro`` then gets what ``task.cancel()`` delivers at that point (the
+    future cancelled, ``CancelledError`` raised where it waits), so ``asyncio.Queue``,
+    ``Event`` and the servers' own ``receive`` clean up as after a cancellation. The task's own
+    cancellation state is never touched: a real ``cancel()`` of the task is not consumed.
+    """
+    try:
+        waited = coro.send(None)
+    except StopIteration as done:
+        return cast("Message", done.value)
+    if getattr(waited, "_asyncio_future_blocking", None) is not None:  # a future (None: sleep(0))
+        waited._asyncio_future_blocking = False
+        waited.cancel()
+    try:
+        coro.throw(asyncio.CancelledError())
+    except StopIteration as done:  # it caught the cancellation and answered anyway
+        return cast("Message", done.value)
+    except asyncio.CancelledError:
+        return None
+    coro.close()  # it caught the cancellation and waits again: not a message ready now
+    return None
+
+
+async def _interrupted_receive(
+    loop: asyncio.AbstractEventLoop, awaitable: Awaitable[Message]
+) -> Message | None:
+    """Await ``awaitable``, interrupted at the next loop iteration by a plain ``task.cancel()``
+    (far cheaper than a cancelled anyio scope); ``None`` if it was."""
     task = asyncio.current_task()
     assert task is not None
     fired = False
@@ -103,7 +138,7 @@ async def poll_receive(receive: Receive) -> Message | None:
 
     handle = loop.call_soon(interrupt)
     try:
-        return await receive()
+        return await awaitable
     except asyncio.CancelledError:
         if not fired:
             raise
