@@ -162,8 +162,9 @@ class BenchServer:
         # serve.py prints the URL once uvicorn has started (or exits: then the line is empty)
         line = self.process.stdout.readline()
         if not line.startswith("LISTENING "):
+            output = self.output()  # read before stop() closes the log
             self.stop()
-            raise RuntimeError(f"server did not start: {line.strip()} {self.output()}")
+            raise RuntimeError(f"server did not start: {line.strip()} {output}")
         self.url = line.split()[1]
 
     def output(self) -> str:

@@ -30,6 +30,8 @@ VENVS = HERE / ".venvs"
 BENCH_PYTHON = (3, 12)
 """The interpreter every benchmark virtualenv is made with, when it is installed."""
 UVICORN = f"uvicorn=={metadata.version('uvicorn')}"
+SERVER = [UVICORN, f"uvloop=={metadata.version('uvloop')}", f"httptools=={metadata.version('httptools')}"]
+"""uvicorn as every benchmark serves it (uvloop, httptools), the versions of the project's virtualenv."""
 DRIVERS_SYNC = ["psycopg[binary]>=3.1"]
 DRIVERS_ASYNC = ["asyncpg>=0.29", "aiosqlite>=0.19"]
 HARNESS = ["-e", f"{ROOT}[testing]"]
@@ -51,26 +53,26 @@ class Peer:
 PEERS: dict[str, Peer] = {
     "project": Peer(
         "project",
-        ["-e", f"{ROOT}[postgres,asyncpg,aiosqlite,testing]", UVICORN],
+        ["-e", f"{ROOT}[postgres,asyncpg,aiosqlite,testing]", *SERVER],
         module="fastapi_sessionmaker",
         dist="fastapi-sessionmaker",
     ),
     "fastapi-utils": Peer(
         "fastapi-utils",
         # The [session] extra imports typing_inspect without depending on it (DESIGN §7).
-        ["fastapi-utils[session]", "typing_inspect", "sqlalchemy>=2", UVICORN, *DRIVERS_SYNC, *HARNESS],
+        ["fastapi-utils[session]", "typing_inspect", "sqlalchemy>=2", *SERVER, *DRIVERS_SYNC, *HARNESS],
         module="fastapi_utils",
         notes=["typing_inspect installed by hand: fastapi-utils[session] fails to import without it"],
     ),
     "fastapi-sqla": Peer(
         "fastapi-sqla",
-        ["fastapi-sqla", "fastapi<0.142", UVICORN, *DRIVERS_SYNC, *HARNESS],
+        ["fastapi-sqla", "fastapi<0.142", *SERVER, *DRIVERS_SYNC, *HARNESS],
         module="fastapi_sqla",
         notes=["fastapi-sqla pins FastAPI < 0.142: measured on the FastAPI it accepts"],
     ),
     "fastsqla": Peer(
         "fastsqla",
-        ["FastSQLA", UVICORN, *DRIVERS_ASYNC, *HARNESS],
+        ["FastSQLA", *SERVER, *DRIVERS_ASYNC, *HARNESS],
         python=(3, 12),
         module="fastsqla",
     ),
@@ -80,7 +82,7 @@ PEERS: dict[str, Peer] = {
             "fastapi-async-sqlalchemy",
             "fastapi",
             "sqlalchemy[asyncio]>=2",
-            UVICORN,
+            *SERVER,
             *DRIVERS_ASYNC,
             *HARNESS,
         ],
@@ -89,7 +91,7 @@ PEERS: dict[str, Peer] = {
     ),
     "advanced-alchemy": Peer(
         "advanced-alchemy",
-        ["advanced-alchemy", "fastapi", UVICORN, *DRIVERS_ASYNC, *HARNESS],
+        ["advanced-alchemy", "fastapi", *SERVER, *DRIVERS_ASYNC, *HARNESS],
         module="advanced_alchemy",
     ),
 }
