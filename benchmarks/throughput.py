@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -159,13 +160,25 @@ class BenchServer:
             text=True,
         )
         assert self.process.stdout is not None
-        # serve.py prints the URL once uvicorn has started (or exits: then the line is empty)
+        # serve.py prints the URL once uvicorn has started (or exits: then the line is empty);
+        # a peer may log to standard output before it (FastSQLA and fastapi-sqla do, at start-up)
         line = self.process.stdout.readline()
+        while line and not line.startswith("LISTENING "):
+            line = self.process.stdout.readline()
         if not line.startswith("LISTENING "):
             output = self.output()  # read before stop() closes the log
             self.stop()
             raise RuntimeError(f"server did not start: {line.strip()} {output}")
         self.url = line.split()[1]
+        # Whatever the server writes to standard output from now on is read and dropped: a full
+        # pipe would stop a server that logs there.
+        threading.Thread(target=self._drain, args=(self.process.stdout,), daemon=True).start()
+
+    @staticmethod
+    def _drain(stream: Any) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for _ in stream:
+                pass
 
     def output(self) -> str:
         if self.log.closed:

@@ -301,3 +301,47 @@ def test_one_router_in_two_apps_serves_each_app_with_its_own_makers(make_maker: 
     bare.include_router(router)
     with TestClient(bare) as client, pytest.raises(NotInstalledError, match=r"Call maker\.init_app"):
         client.get("/which")
+
+
+def test_an_error_handler_of_the_app_for_sqlalchemy_errors_is_kept(maker: Maker) -> None:
+    """``init_app`` maps SQLAlchemy errors on routes without a session, unless the app has its own
+    handler for them: registered before ``init_app``, it is not replaced."""
+    from fastapi.responses import PlainTextResponse
+    from starlette.requests import Request
+
+    app = FastAPI()
+
+    async def mine(request: Request, exc: Exception) -> PlainTextResponse:
+        return PlainTextResponse("handled by the app", status_code=418)
+
+    app.add_exception_handler(sa.exc.SQLAlchemyError, mine)
+    maker.init_app(app, check_on_startup=False)
+
+    @app.get("/fails")
+    async def fails() -> None:
+        raise sa.exc.OperationalError("SELECT 1", {}, Exception("the database is gone"))
+
+    with TestClient(app) as client:
+        response = client.get("/fails")
+    assert (response.status_code, response.text) == (418, "handled by the app")
+
+
+def test_an_error_on_a_route_without_a_session_is_a_problem_response(
+    maker: Maker, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = FastAPI()
+    maker.init_app(app, check_on_startup=False)
+
+    @app.get("/fails")
+    async def fails() -> None:
+        raise sa.exc.OperationalError("SELECT secret", {"p": "s3cret"}, Exception("the database is gone"))
+
+    with TestClient(app) as client:
+        response = client.get("/fails")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"]
+    assert "s3cret" not in response.text
+    assert [r.getMessage() for r in caplog.records if r.name == "fastapi_sessionmaker"] == [
+        "database error mapped to 503: OperationalError on GET /fails (database '(no request session)')"
+    ]

@@ -317,7 +317,8 @@ def registry_for(app: FastAPI, *, error_mapper: ErrorMapper | None = None) -> Re
         app.router.fastapi_sessionmaker_registry = registry  # type: ignore[attr-defined]
         app.add_middleware(guard_routes, registry=registry, routes=app.router)
         app.add_exception_handler(NotFoundError, not_found_response)  # get_or_404: problem JSON
-        app.add_exception_handler(sa.exc.SQLAlchemyError, _unguarded_errors(registry))
+        if sa.exc.SQLAlchemyError not in app.exception_handlers:  # the app's own handler stays
+            app.add_exception_handler(sa.exc.SQLAlchemyError, _unguarded_errors(registry))
     if error_mapper is not None:
         registry.error_mapper = error_mapper
     return registry
