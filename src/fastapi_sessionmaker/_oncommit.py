@@ -161,8 +161,7 @@ def on_rollback(session: Any, callback: Callback) -> None:
 
 def settle(session: Any, committed: bool) -> list[Callback]:
     """Apply the unit of work's outcome to what is still pending; the callbacks to run, in order."""
-    # _callbacks(sync_of(session), create=False) inline: once per request session, most have none.
-    callbacks: _Callbacks | None = getattr(getattr(session, "sync_session", session), "_fsm_callbacks", None)
+    callbacks = _callbacks(sync_of(session), create=False)
     if callbacks is None:
         return []
     if committed:

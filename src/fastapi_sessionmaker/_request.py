@@ -317,8 +317,7 @@ def dependency_for(
                 "instead: `with maker.context_session() as session:` "
                 "(async: `async with maker.context_session() as session:`)"
             )
-        ref = _current.get()  # current_state(), inline: once per request session
-        state = None if ref is None else ref()
+        state = current_state()
         if state is None:
             raise _not_guarded(request)
         stack = _compat.fastapi_function_stack(request.scope)

@@ -388,8 +388,7 @@ def sync_of(session: Any) -> Session:
 
 def mark_closed(session: Any) -> None:
     """Remember that ``session`` (sync or async) was ended and closed by its unit of work."""
-    # sync_of() inline here and below: these run for every request session.
-    getattr(session, "sync_session", session)._fsm_closed = True
+    sync_of(session)._fsm_closed = True  # type: ignore[attr-defined]
 
 
 def is_closed(session: Any) -> bool:
@@ -405,14 +404,14 @@ def response_started(session: Any) -> bool:
 
 def mark_response_started(session: Any) -> None:
     """From now on ``session`` (sync or async) serves reads only, without holding a connection."""
-    target = getattr(session, "sync_session", session)
+    target = sync_of(session)
     if isinstance(target, RequestSessionMixin):
         target._fsm_started = True
 
 
 def discarded_changes(session: Any) -> bool:
     """Whether ``session`` holds ORM changes made after the response started (about to be lost)."""
-    target = getattr(session, "sync_session", session)
+    target = sync_of(session)
     return (
         isinstance(target, RequestSessionMixin)
         and target._fsm_started

@@ -263,8 +263,7 @@ class AsyncLifecycle:
 
     async def end(self, session: AsyncSession, commit: bool) -> None:
         """Commit or roll back; a failed commit is rolled back, then re-raised unchanged."""
-        # is_busy(session), inline: once per request.
-        if getattr(session, "_fsm_running", None) is not None:  # a task still running on it: wait
+        if is_busy(session):  # a task still running on the session: let it end first
             await session.wait_idle()  # type: ignore[attr-defined]
         if not session.in_transaction():
             return
@@ -293,8 +292,8 @@ class AsyncLifecycle:
         """Close ``session`` here when no task is running on it and it holds no transaction (so
         no connection: no I/O and no greenlet, one greenlet switch fewer per request); whether
         it did."""
-        if getattr(session, "_fsm_running", None) is not None or session.in_transaction():
-            return False  # a task is running on it (is_busy, inline), or it holds a connection
+        if is_busy(session) or session.in_transaction():
+            return False
         try:
             session.sync_session.close()
         finally:
