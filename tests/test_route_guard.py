@@ -9,6 +9,7 @@ still commits before its response: a unique violation at the commit is a 409, ne
 
 # No ``from __future__ import annotations``: FastAPI resolves the endpoints' local annotations.
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
@@ -345,3 +346,39 @@ def test_an_error_on_a_route_without_a_session_is_a_problem_response(
     assert [r.getMessage() for r in caplog.records if r.name == "fastapi_sessionmaker"] == [
         "database error mapped to 503: OperationalError on GET /fails (database '(no request session)')"
     ]
+
+
+def test_a_shared_route_in_an_app_that_observes_is_served_by_its_one_guard(
+    make_maker: MakerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A router's route guarded for one app (its guard on the route) and served by another app
+    whose maker observes (``stats=True``: the guard in front of the whole app): that app's guard
+    alone serves it, so the request's statistics count the request session's statements."""
+    from fastapi import Request
+
+    from fastapi_sessionmaker import request_stats
+
+    router = APIRouter()
+    twin = make_maker()
+    default_session = dependency_of(AsyncDBSession if twin.is_async else DBSession)
+
+    @router.get("/count")
+    async def count(request: Request, session: Annotated[Any, Depends(default_session)]) -> int:
+        result = session.execute(sa.text("SELECT 1"))
+        if isinstance(twin, AsyncFastAPISessionMaker):
+            await result
+        return request_stats(request).statements
+
+    plain, observed = FastAPI(), FastAPI()
+    make_maker().init_app(plain, check_on_startup=False)
+    make_maker(slow_request_ms=0).init_app(observed, check_on_startup=False)  # a line per request
+    plain.include_router(router)
+    observed.include_router(router)
+    with TestClient(plain) as one:
+        assert one.get("/ping-free").status_code == 404  # builds the plain app: guards the route
+    caplog.set_level(logging.WARNING, logger="fastapi_sessionmaker.slow.request")
+    with TestClient(observed) as two:
+        assert two.get("/count").json() == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "fastapi_sessionmaker.slow.request"]
+    assert len(lines) == 1, lines  # one guard, one request: not a second one for the route's guard
+    assert "1 statements" in lines[0], lines

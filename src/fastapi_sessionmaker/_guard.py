@@ -214,13 +214,8 @@ class SessionGuard:
         self.registry = registry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        registry = self.registry
-        if registry is None and scope["type"] == "http":
-            registry = _registry_of(scope)
-            outer = current_state()
-            if outer is not None and outer.registry is registry:
-                registry = None  # the guard in front of the whole app serves it (stats=True)
-        if registry is None or scope["type"] != "http":  # no maker installed: FastAPI's alone
+        registry = None if scope["type"] != "http" else self.registry or _registry_of(scope)
+        if registry is None:  # not HTTP, no maker installed, or served by an outer guard
             await self.app(scope, receive, send)
             return
         first = _Exchange(self, registry, scope, receive, send)
@@ -374,12 +369,17 @@ def _guard_routes_of(routes: Any) -> None:
 
 
 def _registry_of(scope: Scope) -> Registry | None:
-    """The registry of the app serving ``scope``: the innermost app's (``scope["app"]``), else the
-    outermost app's (``scope["router"]``, set by the first router), for a mounted app without one."""
+    """For a route's guard, the registry of the app serving ``scope``: the innermost app's
+    (``scope["app"]``), else the outermost app's (``scope["router"]``, set by the first router)
+    for a mounted app without one; ``None`` when there is none, or when the guard in front of
+    that whole app (``stats=True``) already serves the request."""
     registry = getattr(scope.get("app"), "fastapi_sessionmaker_registry", None)
     if registry is None:
         registry = getattr(scope.get("router"), "fastapi_sessionmaker_registry", None)
-    return registry if isinstance(registry, Registry) else None
+    if not isinstance(registry, Registry):
+        return None
+    outer = current_state()
+    return None if outer is not None and outer.registry is registry else registry
 
 
 def _takes_session(dependant: Any) -> bool:
