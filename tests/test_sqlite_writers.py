@@ -127,6 +127,16 @@ def run_in_thread(target: Callable[[], Any], timeout: float = 10.0) -> Any:
     return outcome.get("value")
 
 
+def run_together(target: Callable[[], Any], count: int, timeout: float) -> None:
+    """Run ``target`` in ``count`` threads at once; each must finish within ``timeout`` seconds."""
+    threads = [threading.Thread(target=target, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    assert not any(thread.is_alive() for thread in threads), f"threads still running after {timeout} s"
+
+
 # -- under contention ----------------------------------------------------------------------------
 def test_32_concurrent_request_writers_are_all_stored_without_a_freeze(
     url: str,
@@ -188,14 +198,9 @@ def test_32_concurrent_request_writers_are_all_stored_without_a_freeze(
                     latencies.append(time.monotonic() - began)
 
     began = time.monotonic()
-    threads = [threading.Thread(target=writer, daemon=True) for _ in range(writers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    run_together(writer, writers, timeout=60)
     wall = time.monotonic() - began
 
-    assert not any(thread.is_alive() for thread in threads), "writers still running after 60 s"
     assert statuses == [201] * (writers * each)
     assert count(engine) == writers * each  # every acknowledged write is stored
     assert wall < 10.0, f"{writers * each} writes took {wall:.1f} s"
@@ -225,12 +230,7 @@ def test_concurrent_context_sessions_hand_the_turn_over_in_order(
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer, daemon=True) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert not any(thread.is_alive() for thread in threads)
+    run_together(writer, 16, timeout=30)
     assert not errors, errors
     assert count(maker.cached_engine) == 160
     assert max(waits) < 2.5
@@ -303,12 +303,7 @@ def test_writers_cancelled_by_a_timeout_middleware_give_the_turn_back(
         with lock:
             statuses.append(status)
 
-    threads = [threading.Thread(target=writer, daemon=True) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert not any(thread.is_alive() for thread in threads)
+    run_together(writer, 4, timeout=30)
     assert sorted(set(statuses)) in ([504], [201, 504], [201]), statuses
     queue = queue_of(db)
     wait_until(lambda: queue.owner is None and checked_out(engine.pool) == 0, "the turn given back", 20)
