@@ -1,4 +1,5 @@
-"""SQLite specifics: one writer at a time per database file in this process.
+"""SQLite specifics: one writer at a time per database file in this process, and aiosqlite
+transaction ends that have nothing to end answered without its thread (:func:`skip_idle_ends`).
 
 SQLite lets one connection write at a time; the others wait in its busy handler, which polls with
 sleeps of up to 100 ms and is not fair. A request session that flushed holds the write lock across
@@ -34,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["WriterQueue", "database_file", "install_writer_queue", "writer_queue_of"]
+__all__ = ["WriterQueue", "database_file", "install_writer_queue", "skip_idle_ends", "writer_queue_of"]
 
 DEFAULT_BUSY_TIMEOUT = 5.0  # pysqlite's default ``timeout`` connect argument, in seconds
 
@@ -363,3 +364,38 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - every POSIX Python; Windows cannot fork
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def skip_idle_ends(engine: sa.Engine) -> bool:
+    """Answer an aiosqlite ``commit()`` or ``rollback()`` with no SQLite transaction open on the
+    event loop, without the round trip through aiosqlite's thread.
+
+    sqlite3's own ``commit()`` and ``rollback()`` do nothing then (they ask SQLite first), so the
+    skipped hop changes nothing but its cost: two thread switches and a loop turn. That is the
+    case after every read (pysqlite opens a transaction before the first write only) and at every
+    pool return after a commit (the pool's reset rollback). ``engine`` is the ``sync_engine`` of
+    an async engine; anything but aiosqlite is left as it is (False).
+    """
+    dialect = engine.dialect
+    if dialect.name != "sqlite" or dialect.driver != "aiosqlite":
+        return False
+    for name in ("do_commit", "do_rollback"):
+        setattr(dialect, name, _unless_idle(getattr(dialect, name)))
+    return True
+
+
+def _unless_idle(method: Any) -> Any:
+    @functools.wraps(method)
+    def wrapper(dbapi_connection: Any) -> None:
+        driver = getattr(_raw(dbapi_connection), "_connection", None)  # the aiosqlite.Connection
+        raw = getattr(driver, "_connection", None)  # its sqlite3 connection (None: closed)
+        if raw is not None:
+            try:
+                idle = not raw.in_transaction
+            except sqlite3.Error:  # closed meanwhile: the driver's own call says so
+                idle = False
+            if idle:
+                return
+        method(dbapi_connection)
+
+    return wrapper
