@@ -565,7 +565,7 @@ def test_only_sync_pysqlite_file_engines_get_a_queue(url: str) -> None:
         maker = AsyncFastAPISessionMaker(url)
         engine = maker.cached_engine
         assert writer_queue_of(engine.sync_engine) is None
-        assert not hasattr(engine.sync_engine.dialect.do_commit, "__wrapped__")
+        assert not hasattr(engine.sync_engine.dialect.do_execute, "__wrapped__")  # do_commit: skip_idle_ends
         async with maker.context_session() as session:
             await session.execute(sa.text("CREATE TABLE t (n INTEGER)"))
             await session.execute(sa.text("INSERT INTO t VALUES (1)"))

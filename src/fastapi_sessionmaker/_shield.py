@@ -39,6 +39,8 @@ class _Unstoppable(asyncio.Task):  # type: ignore[type-arg]
         return False
 
 
+# A name of our own: asyncio would format one ("Task-<n>") for every request.
+_NAME = "fastapi_sessionmaker cleanup"
 # Python >= 3.12 starts the task at once, up to its first wait (one loop turn saved).
 _EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
 
@@ -61,7 +63,7 @@ async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *a
         with anyio.CancelScope(shield=True):
             result = await function(*args)
         return result
-    task: asyncio.Task[_T] = _Unstoppable(function(*args), loop=loop, **_EAGER)
+    task: asyncio.Task[_T] = _Unstoppable(function(*args), loop=loop, name=_NAME, **_EAGER)
     if task.done():  # finished without waiting (Python >= 3.12 starts it eagerly): no task switch
         return task.result()
     try:
