@@ -17,7 +17,9 @@ from fastapi_sessionmaker import (
     ConcurrentSessionUseError,
     FastAPISessionMaker,
     ReadOnlySessionError,
+    ResponseStartedError,
 )
+from fastapi_sessionmaker._sessions import LockedMixin, RequestSessionMixin, mark_response_started
 from tests.models import User, reset_tables
 
 
@@ -70,6 +72,45 @@ def test_the_async_request_session_keeps_the_configured_classes(tmp_path: Path, 
                 return_exceptions=True,
             )
             assert any(isinstance(r, ConcurrentSessionUseError) for r in results)
+        finally:
+            await session.close()
+            await maker.dispose()
+
+    asyncio.run(main())
+
+
+def test_only_the_sync_twin_locks_every_method(tmp_path: Path) -> None:
+    """The sync twin's sessions may be used by a worker thread while the guard ends them, so
+    every method that may do I/O holds the session's lock; the async twin's run on the event
+    loop's thread only (one task at a time is SerialAsyncSession's check) and skip that layer,
+    keeping the rules that matter there: writes refused and reads alone after the response."""
+    sync = FastAPISessionMaker(f"sqlite:///{tmp_path}/s.db")
+    session = sync.lifecycle.open(CommitPolicy.AUTO)
+    try:
+        assert isinstance(session, LockedMixin)
+        assert "get" in vars(LockedMixin)
+    finally:
+        session.close()
+        sync.dispose()
+    maker = AsyncFastAPISessionMaker(f"sqlite:///{tmp_path}/a.db")
+
+    async def main() -> None:
+        reset = maker.cached_engine
+        async with reset.begin() as connection:
+            await connection.run_sync(lambda c: reset_tables(c.engine))
+        session: Any = maker.lifecycle.open(CommitPolicy.AUTO)
+        try:
+            inner = session.sync_session
+            assert isinstance(inner, RequestSessionMixin)
+            assert not isinstance(inner, LockedMixin)
+            assert type(inner).get is Session.get  # no wrapper between the session and SQLAlchemy
+            await session.execute(sa.text("SELECT 1"))
+            await session.commit()
+            mark_response_started(session)
+            assert (await session.execute(sa.text("SELECT 2"))).scalar() == 2  # a read of its own
+            assert not session.in_transaction()
+            with pytest.raises(ResponseStartedError):
+                session.add(User(email="late@x"))
         finally:
             await session.close()
             await maker.dispose()

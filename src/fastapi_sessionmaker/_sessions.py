@@ -5,11 +5,13 @@ user's own) with :class:`RequestSessionMixin` in front, and :class:`ReadOnlyMixi
 ``CommitPolicy.READ_ONLY``, and SQLModel's ``exec()`` routed through ``execute`` (:mod:`._sqlmodel`).
 The async twin composes its ``sync_session_class`` the same way, so both twins share these rules:
 
-- **One thread at a time.** Every method that can do I/O or end the transaction holds a
-  per-session re-entrant lock. The guard ends a session under that lock, so a sync endpoint that
-  is still running in its worker thread after its request was cancelled never has its session
-  rolled back or closed under its feet: the end waits for the running statement, and the
-  endpoint's next call finds the session closed.
+- **One thread at a time** (the sync twin, :class:`LockedMixin`). Every method that can do I/O
+  or end the transaction holds a per-session re-entrant lock. The guard ends a session under that
+  lock, so a sync endpoint that is still running in its worker thread after its request was
+  cancelled never has its session rolled back or closed under its feet: the end waits for the
+  running statement, and the endpoint's next call finds the session closed. The async twin's
+  sessions run on the event loop's thread only; one task at a time is
+  :class:`SerialAsyncSession`'s check, so they skip this layer.
 - **After the response has started** (the guard committed or rolled back when the status line
   went out), the session serves reads only and holds no connection between statements: each
   statement runs in a short transaction of its own, its rows are fetched in full and the
@@ -44,6 +46,7 @@ from fastapi_sessionmaker.exceptions import (
 logger = logging.getLogger("fastapi_sessionmaker")
 
 __all__ = [
+    "LockedMixin",
     "ReadOnlyMixin",
     "ReadOnlySession",
     "RequestSessionMixin",
@@ -130,9 +133,9 @@ def _refuse(what: str) -> ResponseStartedError:
 
 
 def _locked(name: str) -> Callable[..., Any]:
-    def locked(self: RequestSessionMixin, *args: Any, **kwargs: Any) -> Any:
+    def locked(self: LockedMixin, *args: Any, **kwargs: Any) -> Any:
         with self._fsm_lock:
-            return getattr(super(RequestSessionMixin, self), name)(*args, **kwargs)
+            return getattr(super(LockedMixin, self), name)(*args, **kwargs)
 
     return functools.wraps(getattr(Session, name))(locked)
 
@@ -235,25 +238,38 @@ class RequestSessionMixin(Session):
 for _name in _WRITES:
     if hasattr(Session, _name):  # ``delete_all`` and ``merge_all`` are new in SQLAlchemy 2.1
         setattr(RequestSessionMixin, _name, _write(_name))
+
+
+class LockedMixin(RequestSessionMixin):
+    """The sync twin's request sessions: every method that may do I/O or end the transaction
+    holds the session's lock too (see the module docstring)."""
+
+
 for _name in _LOCKED:
-    setattr(RequestSessionMixin, _name, _locked(_name))
+    setattr(LockedMixin, _name, _locked(_name))
 
 
-_COMPOSED: dict[tuple[type[Session], bool, bool, tuple[type[Session], ...]], type[Session]] = {}
+_COMPOSED: dict[tuple[type[Session], bool, bool, bool, tuple[type[Session], ...]], type[Session]] = {}
 
 
 def compose(
-    base: type[_S], read_only: bool, *, buffer_rows: bool = False, mixins: tuple[type[Session], ...] = ()
+    base: type[_S],
+    read_only: bool,
+    *,
+    threads: bool,
+    buffer_rows: bool = False,
+    mixins: tuple[type[Session], ...] = (),
 ) -> type[_S]:
     """The request-session class for the configured ``base`` (cached: one class per variant).
 
+    ``threads``: the session may be used from worker threads (the sync twin): :class:`LockedMixin`.
     ``buffer_rows``: fetch every row of a result before returning it (SQLite, sync twin).
     ``mixins``: more rules, under the request rules (a read replica's routing).
     """
-    key = (base, read_only, buffer_rows, mixins)
+    key = (base, read_only, threads, buffer_rows, mixins)
     composed = _COMPOSED.get(key)
     if composed is None:
-        bases: tuple[type, ...] = (RequestSessionMixin,)
+        bases: tuple[type, ...] = (LockedMixin if threads else RequestSessionMixin,)
         if is_sqlmodel_session(base):
             bases = (ExecThroughExecute, *bases)
         if read_only and not issubclass(base, ReadOnlyMixin):

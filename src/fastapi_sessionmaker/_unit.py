@@ -177,7 +177,7 @@ class SyncLifecycle:
         sqlite = self.maker.url.get_backend_name() == "sqlite"
         read_only = policy is CommitPolicy.READ_ONLY
         mixins = (self.maker.replicas.mixin,) if read_only and self.maker.replicas is not None else ()
-        cls = compose(factory.class_, read_only, buffer_rows=sqlite, mixins=mixins)
+        cls = compose(factory.class_, read_only, threads=True, buffer_rows=sqlite, mixins=mixins)
         return cls(**{**factory.kw, "close_resets_only": False})
 
     def limiter(self) -> Limiter | None:
@@ -246,7 +246,7 @@ class AsyncLifecycle:
         base: type[Session] = factory.kw.get("sync_session_class") or factory.class_.sync_session_class
         read_only = policy is CommitPolicy.READ_ONLY
         mixins = (self.maker.replicas.mixin,) if read_only and self.maker.replicas is not None else ()
-        sync_class = compose(base, read_only, mixins=mixins)
+        sync_class = compose(base, read_only, threads=False, mixins=mixins)
         return factory.class_(**{**factory.kw, "sync_session_class": sync_class, "close_resets_only": False})
 
     def limiter(self) -> Limiter | None:
