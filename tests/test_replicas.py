@@ -309,6 +309,29 @@ def test_a_replica_that_is_down_is_skipped_and_with_none_left_reads_go_to_the_pr
     assert drive.read(nothing)[1] is False
 
 
+def test_a_replica_whose_url_the_driver_refuses_is_skipped_like_one_that_is_down(
+    drive: Driver, shared: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An option the driver does not take (asyncpg raises ``TypeError`` at connect, psycopg a
+    database error): no read fails, the other replica serves them, and the check still judges
+    every replica; the report says what to fix, without the password."""
+    refused = url(PORTS[0]).replace("postgres@", "postgres:s3cret@") + "?no_such_option=1"
+    maker = drive.maker([refused, url(PORTS[1])], replica_check_interval=60)
+    with caplog.at_level(logging.DEBUG, "fastapi_sessionmaker"):
+        assert ports(drive, maker, 4) == [PORTS[1]] * 4
+        report = drive.check(maker)
+    assert report[0]["status"] == "skipped"
+    assert report[0]["reason"].startswith("down: ")
+    assert report[1]["status"] == "ok"
+    if drive.twin == "async":
+        assert "TypeError" in report[0]["reason"]
+        assert "no_such_option" in report[0]["reason"]  # the driver's own words: what to fix
+    skipped = [r.getMessage() for r in caplog.records if "is skipped" in r.getMessage()]
+    assert len(skipped) == 1  # once, when it went down; not again at every read or check
+    assert all("s3cret" not in record.getMessage() for record in caplog.records)
+    assert "s3cret" not in repr(report)
+
+
 @pytest.mark.parametrize(
     "shape",
     [

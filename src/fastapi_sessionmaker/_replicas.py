@@ -97,6 +97,44 @@ def position_header(database: str) -> str:
     return POSITION_HEADER if database == "default" else f"{POSITION_HEADER}-{database}"
 
 
+class DriverRefusedError(sa.exc.DisconnectionError):
+    """The driver refused to connect to a replica with the options of its URL (a ``TypeError``
+    or ``ValueError`` from its ``connect()``, e.g. asyncpg given a libpq option it does not
+    take): the replica is skipped, like one that is down, until its URL is fixed."""
+
+
+# What a read or a check on a replica can fail with and still leave the request to the others.
+_FAILED = (sa.exc.DBAPIError, sa.exc.DisconnectionError, OSError)
+
+
+def _refusals_as_down(engine: sa.Engine, url: sa.URL) -> None:
+    """Make the driver's ``TypeError`` / ``ValueError`` at connect a :class:`DriverRefusedError`
+    (``engine`` is a replica's, or an async one's ``sync_engine``). psycopg reports an option it
+    does not take as a database error, which marks the replica down already; asyncpg raises
+    ``TypeError``, which failed the read (a 500) and every later check of all the replicas, while
+    the report kept saying "ok"."""
+    dialect = engine.dialect  # this engine's own instance: the pool calls its connect()
+    connect = dialect.connect
+
+    def refused_as_down(*cargs: Any, **cparams: Any) -> Any:
+        try:
+            return connect(*cargs, **cparams)
+        except (TypeError, ValueError) as exc:
+            detail = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", url)
+            raise DriverRefusedError(
+                f"the driver refused this replica's URL ({type(exc).__name__}: {detail}): check its options"
+            ) from exc
+
+    dialect.connect = refused_as_down  # type: ignore[method-assign]
+
+
+def _down_reason(exc: BaseException) -> str:
+    """The report's reason for a replica found down by ``exc``."""
+    if isinstance(exc, DriverRefusedError):
+        return f"down: {exc.args[0]}"  # says which option to look at; no secret (scrubbed)
+    return f"down: {type(exc).__name__}"
+
+
 def _rerunnable(exc: BaseException) -> bool:
     """Whether a read that failed with ``exc`` on a replica may run again elsewhere: a recovery
     conflict (40001, a running query cancelled or an idle connection terminated) or a lost
@@ -165,7 +203,9 @@ class ReplicaSet:
         if replica.engine is None:
             with self._engines_lock:
                 if replica.engine is None:
-                    replica.engine = self._make_engine(replica.url)
+                    engine = self._make_engine(replica.url)
+                    _refusals_as_down(engine.sync_engine if self.is_async else engine, replica.url)
+                    replica.engine = engine
         return replica.engine
 
     def bind_of(self, replica: Replica) -> sa.Engine:
@@ -221,7 +261,7 @@ class ReplicaSet:
         """A read on ``replica`` failed with ``exc`` and runs again elsewhere; skip it if it is down."""
         if is_connection_error(exc):
             replica.failed_at = time.monotonic()  # a check that looked before this cannot undo it
-            self._mark(replica, False, f"down: {type(exc).__name__}")
+            self._mark(replica, False, _down_reason(exc))
         logger.warning(
             "read on %s of database %r failed (%s, code %s): running it again on another server",
             replica.describe(),
@@ -296,7 +336,7 @@ class ReplicaSet:
         replica.lag = None
         text = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", replica.url)
         logger.debug("check of %s failed: %s: %s", replica.describe(), type(exc).__name__, text)
-        self._mark(replica, False, f"down: {type(exc).__name__}")
+        self._mark(replica, False, _down_reason(exc))
 
     def check(self) -> None:
         """Check every replica now (sync twin): reachable, a standby, within the lag bound."""
@@ -316,7 +356,7 @@ class ReplicaSet:
             try:
                 with self.engine_of(replica).connect() as connection:
                     rows.append((replica, connection.exec_driver_sql(_STATUS).one(), looked_at))
-            except (sa.exc.DBAPIError, OSError) as exc:
+            except _FAILED as exc:
                 self._down(replica, exc)
         primary = self._primary_lsn(lambda: self._scalar_sync(self._primary(), _PRIMARY_POSITION))
         for replica, row, looked_at in rows:
@@ -329,7 +369,7 @@ class ReplicaSet:
             try:
                 async with self.engine_of(replica).connect() as connection:
                     rows.append((replica, (await connection.exec_driver_sql(_STATUS)).one(), looked_at))
-            except (sa.exc.DBAPIError, OSError) as exc:
+            except _FAILED as exc:
                 self._down(replica, exc)
         try:
             text = await self._scalar_async(self._primary(), _PRIMARY_POSITION)
@@ -412,7 +452,7 @@ def _routed(name: str) -> Callable[..., Any]:
         while True:
             try:
                 return call(statement, *args, **kwargs)
-            except (sa.exc.DBAPIError, OSError) as exc:
+            except _FAILED as exc:
                 replica = self._fsm_replica
                 if replica is None or not _rerunnable(exc):
                     raise
@@ -456,7 +496,7 @@ class ReplicaMixin(Session):
                 return
             try:  # on this transaction's own connection: the read that follows sees at least this
                 replayed = super().execute(_REPLAY).scalar()
-            except (sa.exc.DBAPIError, OSError) as exc:
+            except _FAILED as exc:
                 if not _rerunnable(exc):
                     raise
                 replicas.failed(replica, exc)

@@ -375,6 +375,10 @@ def skip_idle_ends(engine: sa.Engine) -> bool:
     case after every read (pysqlite opens a transaction before the first write only) and at every
     pool return after a commit (the pool's reset rollback). ``engine`` is the ``sync_engine`` of
     an async engine; anything but aiosqlite is left as it is (False).
+
+    Reading ``in_transaction`` on the loop is exact because no statement of the connection is
+    running then: SQLAlchemy awaits each one, and one interrupted by a cancellation (still
+    running in aiosqlite's thread) invalidates the connection, which is never used again.
     """
     dialect = engine.dialect
     if dialect.name != "sqlite" or dialect.driver != "aiosqlite":
