@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fastapi_sessionmaker._errors import Problem, error_code, is_connection_error, send_problem
 from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
-from fastapi_sessionmaker._urls import render_url, scrub
+from fastapi_sessionmaker._urls import render_url, scrubbed_line
 from fastapi_sessionmaker.exceptions import ConfigurationError, ReadOnlySessionError
 
 if TYPE_CHECKING:
@@ -120,9 +120,9 @@ def _refusals_as_down(engine: sa.Engine, url: sa.URL) -> None:
         try:
             return connect(*cargs, **cparams)
         except (TypeError, ValueError) as exc:
-            detail = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", url)
             raise DriverRefusedError(
-                f"the driver refused this replica's URL ({type(exc).__name__}: {detail}): check its options"
+                f"the driver refused this replica's URL ({type(exc).__name__}: "
+                f"{scrubbed_line(exc, url)}): check its options"
             ) from exc
 
     dialect.connect = refused_as_down  # type: ignore[method-assign]
@@ -334,7 +334,7 @@ class ReplicaSet:
 
     def _down(self, replica: Replica, exc: BaseException) -> None:
         replica.lag = None
-        text = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", replica.url)
+        text = scrubbed_line(exc, replica.url)
         logger.debug("check of %s failed: %s: %s", replica.describe(), type(exc).__name__, text)
         self._mark(replica, False, _down_reason(exc))
 

@@ -84,11 +84,12 @@ def statement_kind(statement: str) -> int:
     return kind
 
 
-def _in_transaction(dbapi_connection: Any) -> bool:
+def _in_transaction(dbapi_connection: Any, *, closed: bool = False) -> bool:
+    """Whether a sqlite3 connection holds a transaction; ``closed`` if it is closed."""
     try:
         return bool(dbapi_connection.in_transaction)
     except sqlite3.Error:  # closed
-        return False
+        return closed
 
 
 def _raw(connection: Any) -> Any:
@@ -393,13 +394,9 @@ def _unless_idle(method: Any) -> Any:
     def wrapper(dbapi_connection: Any) -> None:
         driver = getattr(_raw(dbapi_connection), "_connection", None)  # the aiosqlite.Connection
         raw = getattr(driver, "_connection", None)  # its sqlite3 connection (None: closed)
-        if raw is not None:
-            try:
-                idle = not raw.in_transaction
-            except sqlite3.Error:  # closed meanwhile: the driver's own call says so
-                idle = False
-            if idle:
-                return
+        # Closed meanwhile (or no sqlite3 connection): the driver's own call says what follows.
+        if raw is not None and not _in_transaction(raw, closed=True):
+            return
         method(dbapi_connection)
 
     return wrapper

@@ -21,7 +21,7 @@ from fastapi_sessionmaker._retry import run_sync
 from fastapi_sessionmaker._sessions import ReadOnlySession
 from fastapi_sessionmaker._sqlite import install_writer_queue
 from fastapi_sessionmaker._unit import SyncLifecycle, sync_unit
-from fastapi_sessionmaker._urls import missing_driver, scrub, unknown_driver
+from fastapi_sessionmaker._urls import missing_driver, scrubbed_line, unknown_driver
 from fastapi_sessionmaker.exceptions import DatabaseUnavailableError
 
 if TYPE_CHECKING:
@@ -53,8 +53,7 @@ def create_checked_engine(
 
 def unavailable(maker: MakerBase[Any, Any], exc: BaseException) -> DatabaseUnavailableError:
     """A one-line start-up error: the URL without secrets, the error class, its first line."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = scrub(text, maker.url)
+    text = scrubbed_line(exc, maker.url)
     return DatabaseUnavailableError(
         f"cannot reach database {maker.name!r} at {maker.safe_url()}: {type(exc).__name__}: {text}".rstrip(
             ": "

@@ -16,6 +16,7 @@ __all__ = [
     "render_url",
     "resolve_url",
     "scrub",
+    "scrubbed_line",
     "unknown_driver",
     "url_secrets",
 ]
@@ -110,6 +111,12 @@ def scrub(text: str, url: URL | None) -> str:
         for form in {secret, quote(secret, safe=""), quote(secret, safe=" +"), quote_plus(secret)}:
             text = text.replace(form, MASK)
     return text
+
+
+def scrubbed_line(exc: BaseException, url: URL | None) -> str:
+    """The first line of ``exc``'s message (``""`` if it has none), with ``url``'s secrets masked."""
+    text = str(exc).strip()
+    return scrub(text.splitlines()[0] if text else "", url)
 
 
 # Drivers that only work with one twin: a sync driver under the async maker or the reverse.
