@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Annotated, Any
 
+import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -189,3 +190,40 @@ def test_the_poll_keeps_a_cancellation_the_task_already_received() -> None:
         return await asyncio.get_running_loop().create_task(polled())
 
     assert asyncio.run(scenario()) == "cancelled at the next wait"
+
+
+@pytest.mark.parametrize("twin", ["async"])
+def test_the_async_commit_runs_in_the_request_task_itself(maker: Maker, sync_engine: sa.Engine) -> None:
+    """Python >= 3.11: the async twin's commit is run in the request's own task (no task of its
+    own, no extra loop turn), still shielded from cancellation (``tests/test_shield.py``,
+    ``tests/test_cancellation.py``); Python 3.10 gives it a task of its own."""
+    assert isinstance(maker, AsyncFastAPISessionMaker)
+    reset_tables(sync_engine)
+    app = FastAPI()
+    maker.init_app(app)
+    tasks: dict[str, Any] = {}
+
+    def on_commit(connection: sa.Connection) -> None:
+        tasks["commit"] = asyncio.current_task()
+
+    sa.event.listen(maker.cached_engine.sync_engine, "commit", on_commit)
+
+    @app.post("/write")
+    async def write(data: NewUser, session: Annotated[Any, maker.dependency]) -> dict[str, bool]:
+        tasks["endpoint"] = asyncio.current_task()
+        session.add(User(email=data.email))
+        return {"ok": True}
+
+    async def scenario() -> list[Message]:
+        sent: list[Message] = []
+        try:
+            await _request(app, "POST", "/write", b'{"email": "here@x"}', sent)
+        finally:
+            await maker.dispose()
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert sent[0]["status"] == 200
+    assert stored_emails(sync_engine) == ["here@x"]
+    assert tasks["commit"] is not None
+    assert (tasks["commit"] is tasks["endpoint"]) is (sys.version_info >= (3, 11))

@@ -166,7 +166,9 @@ class _Exchange:
         if self.replaced:
             return
         if message["type"] == "http.response.start":
-            failure = await run_to_completion(state.finish, message["status"], self.gone)
+            failure = await run_to_completion(
+                state.finish, message["status"], self.gone, here=state.loop_only
+            )
             if state.client_gone:
                 logger.warning(
                     "client disconnected before the commit: rolled back %s %s",
@@ -190,7 +192,7 @@ class _Exchange:
     async def close_all(self, *, retrying: bool = False) -> None:
         state = self.state
         if not state.close_now():  # no I/O, so nothing to interrupt: closed here, without a task
-            await run_to_completion(state.close)
+            await run_to_completion(state.close, here=state.loop_only)
         if retrying:
             state.ready = None  # a failed attempt's callbacks are discarded
         elif state.ready:  # on_commit / on_rollback callbacks: the response has been sent
@@ -244,7 +246,7 @@ class SessionGuard:
         scope, state = exchange.scope, exchange.state
         if state.entries:
             state.raised = True
-            await run_to_completion(state.finish, None)
+            await run_to_completion(state.finish, None, here=state.loop_only)
         if exchange.started:
             raise exc
         if exchange.may_retry(exc):

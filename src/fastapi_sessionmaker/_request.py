@@ -135,6 +135,10 @@ class RequestState:
     """Set when a request of several databases was stored in some of them only (see _multidb)."""
     stats: RequestStats | None = None
     """What the request did in the database, when an installed maker observes (:mod:`._observe`)."""
+    loop_only = True
+    """Every session is an async maker's: ending and closing them runs our code, SQLAlchemy and an
+    asyncio driver only (no anyio, no worker thread), so the guard runs it in the request's own
+    task (``run_to_completion(..., here=True)``)."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -156,6 +160,8 @@ class RequestState:
                 semaphore.release()
             raise
         self.entries.append(_Entry(maker, session, chosen, semaphore))
+        if not maker.is_async:
+            self.loop_only = False
         return session
 
     def record_exit(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> bool:
@@ -175,6 +181,8 @@ class RequestState:
                 return entry.session
         session = maker.lifecycle.open(maker.policy)
         self.entries.append(_Entry(maker, session, maker.policy, None))
+        if not maker.is_async:
+            self.loop_only = False
         return session
 
     async def finish(

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -45,15 +46,114 @@ _NAME = "fastapi_sessionmaker cleanup"
 _EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
 
 
-async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
+class _Refusing:
+    """What the calling task waits on while the cleanup waits on ``future``: ``future`` itself for
+    the event loop (its callbacks, its loop, its outcome), but its ``cancel()`` is refused.
+
+    A task whose waiter refuses ``cancel()`` remembers the cancellation (``_must_cancel``) and
+    delivers it when the waiter is done, as it does for an :class:`_Unstoppable` task; the
+    cleanup's own future is never cancelled by it.
+    """
+
+    __slots__ = ("_asyncio_future_blocking", "_future")
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self._future = future
+        self._asyncio_future_blocking = True
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._future.get_loop()
+
+    def add_done_callback(self, fn: Callable[..., object], *, context: Any = None) -> None:
+        self._future.add_done_callback(fn, context=context)
+
+    def remove_done_callback(self, fn: Callable[..., object]) -> int:
+        return self._future.remove_done_callback(fn)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancelled(self) -> bool:
+        return self._future.cancelled()
+
+    def result(self) -> Any:
+        return self._future.result()
+
+    def exception(self) -> BaseException | None:
+        return self._future.exception()
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
+@types.coroutine
+def _in_place(coro: Coroutine[Any, Any, _T], task: asyncio.Task[Any]) -> Generator[Any, None, _T]:
+    """Run ``coro`` in the calling ``task`` to its end, whatever cancels the task meanwhile.
+
+    Each future ``coro`` waits on is handed to the task behind a :class:`_Refusing` front, so a
+    ``task.cancel()`` never reaches it; the ``CancelledError`` the task then throws in once that
+    future is done is kept from ``coro`` (which goes on with the future's outcome) and raised when
+    ``coro`` has ended. A future that is cancelled by its own owner still cancels ``coro``'s wait.
+    No task, no extra loop turn: the calling task is woken by the cleanup's own futures.
+    """
+    cancelling: Callable[[], int] = task.cancelling  # type: ignore[attr-defined]  # Python >= 3.11
+    requested = cancelling()
+    kept: asyncio.CancelledError | None = None  # the task's cancellation, raised at the end
+    thrown: BaseException | None = None
+    pending = False  # woken while ``future`` is not done yet: wait for it again
+    future: asyncio.Future[Any] | None = None
+    while True:
+        if not pending:
+            try:
+                waited = coro.send(None) if thrown is None else coro.throw(thrown)
+            except StopIteration as done:
+                if kept is not None:
+                    raise kept from None
+                return cast("_T", done.value)
+            except BaseException as error:
+                if kept is not None and not isinstance(error, asyncio.CancelledError):
+                    logger.error("cleanup failed while the request was cancelled", exc_info=error)
+                    raise kept from None
+                raise
+            thrown = None
+            future = waited if getattr(waited, "_asyncio_future_blocking", None) else None
+        pending = False
+        if future is not None:
+            future._asyncio_future_blocking = False
+            waited = _Refusing(future)
+        try:
+            yield waited
+        except GeneratorExit:
+            coro.close()
+            raise
+        except asyncio.CancelledError as error:
+            owners = future is not None and future.cancelled()  # cancelled by whoever made it
+            if not owners or cancelling() > requested:  # the task's (anyio's message kept)
+                kept = error
+            if owners:  # coro's own: it gets it where it waits
+                thrown = asyncio.CancelledError()
+            else:
+                pending = future is not None and not future.done()
+        except BaseException as error:  # the future's exception: coro's own, as ``await`` gives it
+            thrown = error
+
+
+async def run_to_completion(
+    function: Callable[..., Coroutine[Any, Any, _T]], *args: Any, here: bool = False
+) -> _T:
     """Await ``function(*args)`` to its end even if the calling task is cancelled meanwhile.
 
     ``anyio.CancelScope(shield=True)`` stops anyio's cancel scopes but not a plain asyncio
     ``task.cancel()`` (``asyncio.timeout``, ``wait_for``, a server cancelling its tasks): a second
-    cancellation would interrupt a commit or a rollback halfway. On asyncio the work runs in a task
-    of its own that refuses cancellation (:class:`_Unstoppable`); a cancellation received
+    cancellation would interrupt a commit or a rollback halfway. On asyncio the work runs in a
+    task of its own that refuses cancellation (:class:`_Unstoppable`); a cancellation received
     meanwhile is re-raised once the work is done, so the caller never returns before its cleanup
     finished.
+
+    ``here=True`` (Python >= 3.11): the work runs in the calling task instead, every wait of it
+    shielded from ``cancel()`` (:func:`_in_place`): no task and no extra loop turn. Only for work
+    that awaits no anyio checkpoint (our own code, SQLAlchemy and the asyncio drivers): anyio would
+    see the caller's cancel scopes, and wait for a cancellation that is never delivered to it.
     """
     try:
         loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()  # inline: one call less
@@ -63,6 +163,10 @@ async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *a
         with anyio.CancelScope(shield=True):
             result = await function(*args)
         return result
+    if here and _IN_PLACE:
+        current = asyncio.current_task(loop)
+        if current is not None:
+            return await _in_place(function(*args), current)
     task: asyncio.Task[_T] = _Unstoppable(function(*args), loop=loop, name=_NAME, **_EAGER)
     if task.done():  # finished without waiting (Python >= 3.12 starts it eagerly): no task switch
         return task.result()
@@ -74,6 +178,10 @@ async def run_to_completion(function: Callable[..., Coroutine[Any, Any, _T]], *a
         if not task.cancelled() and task.exception() is not None:
             logger.error("cleanup failed while the request was cancelled", exc_info=task.exception())
         raise
+
+
+# ``Task.cancelling()`` (Python >= 3.11) tells the task's own cancellations from a future's.
+_IN_PLACE = sys.version_info >= (3, 11)
 
 
 async def poll_receive(receive: Receive) -> Message | None:
@@ -127,25 +235,30 @@ def _step_once(coro: Coroutine[Any, Any, Message]) -> Message | None:
 async def _interrupted_receive(
     loop: asyncio.AbstractEventLoop, awaitable: Awaitable[Message]
 ) -> Message | None:
-    """Await ``awaitable``, interrupted at the next loop iteration by a plain ``task.cancel()``
-    (far cheaper than a cancelled anyio scope); ``None`` if it was."""
-    task = asyncio.current_task()
-    assert task is not None
-    fired = False
+    """What ``awaitable`` gives by the next loop iteration, else ``None`` (it is then cancelled,
+    as ``task.cancel()`` would undo its wait).
 
-    def interrupt() -> None:
-        nonlocal fired
-        fired = True
-        asyncio.Task.cancel(task)  # the base method: it interrupts an _Unstoppable task too
+    A wait of its own, woken by whichever comes first, the message or the next iteration: it
+    needs no ``cancel()`` of the calling task, which a cleanup run in place refuses.
+    """
+    future = asyncio.ensure_future(awaitable, loop=loop)
+    if not future.done():
+        turn = loop.create_future()
 
-    handle = loop.call_soon(interrupt)
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if not fired:
-            raise
-        if sys.version_info >= (3, 11):
-            task.uncancel()
-        return None
-    finally:
-        handle.cancel()
+        def wake(_: object = None) -> None:
+            if not turn.done():
+                turn.set_result(None)
+
+        handle = loop.call_soon(wake)
+        future.add_done_callback(wake)
+        try:
+            await turn
+        finally:
+            handle.cancel()
+            future.remove_done_callback(wake)
+            undone = not future.done()
+            if undone:
+                future.cancel()
+        if undone:
+            return None
+    return future.result()
