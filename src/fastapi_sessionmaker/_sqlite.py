@@ -35,7 +35,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["WriterQueue", "database_file", "install_writer_queue", "skip_idle_ends", "writer_queue_of"]
+__all__ = [
+    "WriterQueue",
+    "database_file",
+    "install_writer_queue",
+    "skip_idle_ends",
+    "terminate_in_order",
+    "writer_queue_of",
+]
 
 DEFAULT_BUSY_TIMEOUT = 5.0  # pysqlite's default ``timeout`` connect argument, in seconds
 
@@ -400,3 +407,49 @@ def _unless_idle(method: Any) -> Any:
         method(dbapi_connection)
 
     return wrapper
+
+
+def terminate_in_order(engine: sa.Engine) -> bool:
+    """An aiosqlite connection that SQLAlchemy terminates is rolled back and closed in aiosqlite's
+    own thread, after whatever that thread is still running, and nobody waits for it.
+
+    SQLAlchemy terminates (invalidates) a connection whose statement was interrupted by a
+    cancellation (``asyncio.timeout``, a timeout middleware, anyio's cancel scopes). The statement
+    runs to its end in aiosqlite's thread anyway, and then:
+
+    - sqlite3's ``close()`` of a connection whose statement is still open (the interrupted one's
+      cursor is never finalized) only makes it a zombie (``sqlite3_close_v2``) that keeps its
+      transaction, and with it SQLite's write lock, until a garbage collection frees that cursor:
+      every other writer gets "database is locked" until then;
+    - SQLAlchemy's terminate first awaits a graceful ``close()``, which waits for the statement;
+      cancelled again meanwhile (anyio delivers a cancellation at every await, ``wait_for``
+      cancels twice), it calls aiosqlite's ``stop()``. With aiosqlite 0.22 the graceful close that
+      starts after ``stop()`` then waits forever (its own ``stop()`` is never answered), and
+      ``stop()`` may skip the close of the sqlite3 connection.
+
+    Here a ``rollback()`` and a ``close()`` of the sqlite3 connection are queued in its thread,
+    then ``stop()``: they run in that order as soon as the statement has ended, and the cancelled
+    request ends at once. ``engine`` is the ``sync_engine`` of an async engine; anything but
+    aiosqlite is left as it is (False).
+    """
+    dialect = engine.dialect
+    if dialect.name != "sqlite" or dialect.driver != "aiosqlite":
+        return False
+    dialect.do_terminate = _in_order(dialect.do_terminate)  # type: ignore[method-assign]
+    return True
+
+
+def _in_order(method: Any) -> Any:
+    @functools.wraps(method)
+    def terminate(dbapi_connection: Any) -> None:
+        driver: Any = getattr(_raw(dbapi_connection), "_connection", None)  # the aiosqlite.Connection
+        raw = getattr(driver, "_connection", None)  # its sqlite3 connection (None: closed)
+        calls = getattr(driver, "_tx", None)  # the calls its thread runs, in order
+        if raw is None or calls is None or not hasattr(driver, "stop"):
+            method(dbapi_connection)  # closed already, or another aiosqlite: SQLAlchemy's own
+            return
+        calls.put_nowait((None, raw.rollback))  # no future: nothing waits for them
+        calls.put_nowait((None, raw.close))
+        driver.stop()
+
+    return terminate
