@@ -1,5 +1,6 @@
 """SQLite writers take turns per database file (``_sqlite.py``): fast under contention, never a
-turn left held, reads never wait, and only sync pysqlite file engines are touched.
+turn left held, reads never wait, and only file engines are touched (pysqlite here; aiosqlite's in
+``test_sqlite_async_writers.py``).
 
 Every test runs on its own SQLite file in ``tmp_path``; threads are joined with a timeout and every
 wait is bounded, so a turn left held fails a test instead of hanging it.
@@ -562,18 +563,24 @@ def test_engines_on_one_file_share_one_queue_and_other_files_do_not(
     assert install_writer_queue(first) is queue  # installing twice is a no-op
 
 
-def test_only_sync_pysqlite_file_engines_get_a_queue(url: str) -> None:
-    async def async_engine_has_none() -> None:
+def test_only_file_engines_get_a_queue(url: str) -> None:
+    """pysqlite and aiosqlite engines on a file (the async twin's: tests/test_sqlite_async_writers.py)."""
+
+    async def async_engine_has_one() -> None:
         maker = AsyncFastAPISessionMaker(url)
         engine = maker.cached_engine
-        assert writer_queue_of(engine.sync_engine) is None
-        assert not hasattr(engine.sync_engine.dialect.do_execute, "__wrapped__")  # do_commit: skip_idle_ends
+        queue = writer_queue_of(engine.sync_engine)
+        assert queue is not None
         async with maker.context_session() as session:
             await session.execute(sa.text("CREATE TABLE t (n INTEGER)"))
             await session.execute(sa.text("INSERT INTO t VALUES (1)"))
+        assert queue.owner is None
         await maker.dispose()
+        memory = AsyncFastAPISessionMaker("sqlite+aiosqlite://")
+        assert writer_queue_of(memory.cached_engine.sync_engine) is None
+        await memory.dispose()
 
-    anyio.run(async_engine_has_none)
+    anyio.run(async_engine_has_one)
     memory = FastAPISessionMaker("sqlite://")
     assert writer_queue_of(memory.cached_engine) is None
     memory.dispose()

@@ -23,7 +23,7 @@ from fastapi_sessionmaker._policy import CommitPolicy
 from fastapi_sessionmaker._request import current_state
 from fastapi_sessionmaker._retry import run_async
 from fastapi_sessionmaker._sessions import compose_async
-from fastapi_sessionmaker._sqlite import skip_idle_ends, terminate_in_order
+from fastapi_sessionmaker._sqlite import install_writer_queue, skip_idle_ends, terminate_in_order
 from fastapi_sessionmaker._sync import unavailable
 from fastapi_sessionmaker._unit import AsyncLifecycle
 from fastapi_sessionmaker._urls import missing_driver, unknown_driver
@@ -84,6 +84,7 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
         if self.sqlite_foreign_keys:
             enforce_sqlite_foreign_keys(engine.sync_engine)
         skip_idle_ends(engine.sync_engine)
+        install_writer_queue(engine.sync_engine, kwargs.get("connect_args"))
         terminate_in_order(engine.sync_engine)
         fork_safe(engine.sync_engine)
         if self.two_phase:

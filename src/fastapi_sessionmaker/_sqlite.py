@@ -3,32 +3,35 @@ transaction ends that have nothing to end answered without its thread (:func:`sk
 
 SQLite lets one connection write at a time; the others wait in its busy handler, which polls with
 sleeps of up to 100 ms and is not fair. A request session that flushed holds the write lock across
-the worker-thread hops that follow (FastAPI's response validation, our commit), and 31 writers
-polling meanwhile can make the holder's own ``COMMIT`` wait for seconds. So every sync engine this
-package creates on a SQLite *file* (pysqlite) gets a :class:`WriterQueue` shared by every engine of
-the process on the same file: before a connection's first writing statement it waits its turn
-there (first come, first served; the wait releases the GIL), and it gives the turn back as soon
-as it is no longer in a transaction.
+the hops that follow (FastAPI's response validation, our commit), and 31 writers polling
+meanwhile can make the holder's own ``COMMIT`` wait for seconds; with 64 async writers some waited
+past the 5 s busy timeout ("database is locked"). So every engine this package creates on a SQLite
+*file* (pysqlite, and aiosqlite for the async twin) gets a :class:`WriterQueue` shared by every
+engine of the process on the same file: before a connection's first writing statement it waits its
+turn there (first come, first served; a thread's wait releases the GIL, an aiosqlite connection's
+is awaited on its event loop), and it gives the turn back as soon as it is no longer in a
+transaction.
 
 What it never does: make a read wait; raise on its own (a wait longer than the connection's busy
 timeout proceeds without the turn, and SQLite's busy handler and the driver's own error decide, as
-without the queue); block an event loop (aiosqlite engines get no queue); touch ``:memory:``
-databases (one connection anyway). It is in-process only: several worker processes on one file
-still meet SQLite's busy handler.
+without the queue); block an event loop; touch ``:memory:`` databases (one connection anyway). It
+is in-process only: several worker processes on one file still meet SQLite's busy handler.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import functools
+import operator
 import os
 import re
 import sqlite3
 import threading
 import urllib.parse
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -128,7 +131,8 @@ class WriterQueue:
     def _reset(self) -> None:
         self._mutex = threading.Lock()
         self._owner: Any = None
-        self._waiters: collections.deque[tuple[threading.Lock, Any]] = collections.deque()
+        # (wake, connection): ``wake()`` tells the waiter the turn is its own, False if it is gone.
+        self._waiters: collections.deque[tuple[Callable[[], bool], Any]] = collections.deque()
         # id()s of connections in a transaction they began with a deferred BEGIN and nothing since:
         # they hold no SQLite lock yet, so waiting for the turn cannot deadlock with its owner.
         self._fresh: set[int] = set()
@@ -153,11 +157,43 @@ class WriterQueue:
                 return False
             waiter = threading.Lock()
             waiter.acquire()
-            entry = (waiter, connection)
+            entry = (functools.partial(_unlock, waiter), connection)
             self._waiters.append(entry)
         waiter.acquire(timeout=timeout)  # released by release() when the turn is handed over
+        return self._settled(entry)
+
+    async def acquire_async(self, connection: Any, timeout: float) -> bool:
+        """:meth:`acquire` for a connection on an event loop: the wait is the loop's, not a thread's.
+
+        Cancelled meanwhile, it gives back a turn it was handed and raises.
+        """
         with self._mutex:
             if self._owner is connection:
+                return True
+            if self._owner is None and not self._waiters:
+                self._owner = connection
+                return True
+            if timeout <= 0:
+                return False
+            loop = asyncio.get_running_loop()
+            turn = loop.create_future()
+            entry = (functools.partial(_wake, loop, turn), connection)
+            self._waiters.append(entry)
+        timer = loop.call_later(timeout, _settle, turn)
+        try:
+            await turn
+        except BaseException:
+            if self._settled(entry):  # handed over meanwhile: to the next one
+                self.release(connection)
+            raise
+        finally:
+            timer.cancel()
+        return self._settled(entry)
+
+    def _settled(self, entry: tuple[Callable[[], bool], Any]) -> bool:
+        """After a wait: whether the turn was handed over, else the waiter leaves the line."""
+        with self._mutex:
+            if self._owner is entry[1]:
                 return True
             self._waiters.remove(entry)  # timed out and not handed over
             return False
@@ -171,14 +207,34 @@ class WriterQueue:
             self._fresh.discard(id(connection))
             if self._owner is not connection:
                 return
-            if self._waiters:
-                waiter, self._owner = self._waiters.popleft()
-                waiter.release()
-            else:
-                self._owner = None
+            while self._waiters:
+                wake, self._owner = self._waiters[0]
+                self._waiters.popleft()
+                if wake():
+                    return
+            self._owner = None
 
     def __repr__(self) -> str:
         return f"<WriterQueue {self.path!r} owned={self._owner is not None} waiting={len(self._waiters)}>"
+
+
+def _unlock(waiter: threading.Lock) -> bool:
+    waiter.release()
+    return True
+
+
+def _settle(turn: asyncio.Future[None]) -> None:
+    if not turn.done():
+        turn.set_result(None)
+
+
+def _wake(loop: asyncio.AbstractEventLoop, turn: asyncio.Future[None]) -> bool:
+    """Hand the turn to a waiter on ``loop`` (from any thread); False if that loop is closed."""
+    try:
+        loop.call_soon_threadsafe(_settle, turn)
+    except RuntimeError:  # the loop is closed: nobody waits there any more
+        return False
+    return True
 
 
 _queues: weakref.WeakValueDictionary[str, WriterQueue] = weakref.WeakValueDictionary()
@@ -244,7 +300,8 @@ def install_writer_queue(
         >>> engine.dispose()
     """
     dialect = engine.dialect
-    if dialect.name != "sqlite" or dialect.driver != "pysqlite" or dialect.is_async:
+    driver = _DRIVERS.get(dialect.driver) if dialect.name == "sqlite" else None
+    if driver is None:
         return None
     if isinstance(engine.pool, StaticPool) or engine in _installed:
         return _installed.get(engine)
@@ -256,11 +313,47 @@ def install_writer_queue(
         if queue is None:
             queue = _queues[path] = WriterQueue(path)
     _installed[engine] = queue
-    _listen(engine, queue, _busy_timeout(engine, connect_args or {}))
+    _listen(engine, queue, _busy_timeout(engine, connect_args or {}), driver)
     return queue
 
 
-def _listen(engine: sa.Engine, queue: WriterQueue, timeout: float) -> None:
+class _Driver:
+    """How the queue reaches a driver's connections: pysqlite's own, or aiosqlite's through
+    SQLAlchemy's adapter (whose methods run in a greenlet on the event loop, where a wait for
+    the turn is awaited, never a thread blocked)."""
+
+    def __init__(
+        self,
+        connection_of: Callable[[Any], Any],
+        sqlite3_of: Callable[[Any], Any],
+        acquire: Callable[[WriterQueue, Any, float], bool],
+    ) -> None:
+        self.connection_of = connection_of  # a cursor's DBAPI connection (what the pool holds)
+        self.sqlite3_of = sqlite3_of  # that connection's sqlite3 connection (None: closed)
+        self.acquire = acquire
+
+    def in_transaction(self, dbapi_connection: Any) -> bool:
+        raw = self.sqlite3_of(dbapi_connection)
+        return raw is not None and _in_transaction(raw)
+
+
+def _aiosqlite_sqlite3(adapted: Any) -> Any:
+    return getattr(getattr(adapted, "_connection", None), "_connection", None)
+
+
+def _acquire_awaited(queue: WriterQueue, connection: Any, timeout: float) -> bool:
+    from sqlalchemy.util import await_only  # in SQLAlchemy's greenlet, on the event loop
+
+    return bool(await_only(queue.acquire_async(connection, timeout)))
+
+
+_DRIVERS = {
+    "pysqlite": _Driver(operator.attrgetter("connection"), lambda raw: raw, WriterQueue.acquire),
+    "aiosqlite": _Driver(operator.attrgetter("_adapt_connection"), _aiosqlite_sqlite3, _acquire_awaited),
+}
+
+
+def _listen(engine: sa.Engine, queue: WriterQueue, timeout: float, driver: _Driver) -> None:
     """Wrap the statement, commit and rollback methods of ``engine``'s own dialect instance.
 
     Not engine events: a ``before_cursor_execute`` listener takes SQLAlchemy off its fast path for
@@ -268,9 +361,9 @@ def _listen(engine: sa.Engine, queue: WriterQueue, timeout: float) -> None:
     """
     dialect = engine.dialect  # this engine's own instance: the pool's reset calls it too
     for name in ("do_execute", "do_executemany", "do_execute_no_params"):
-        setattr(dialect, name, _queued(getattr(dialect, name), queue, timeout))
-    setattr(dialect, "do_commit", _released_after(dialect.do_commit, queue, commit=True))  # noqa: B010
-    setattr(dialect, "do_rollback", _released_after(dialect.do_rollback, queue, commit=False))  # noqa: B010
+        setattr(dialect, name, _queued(getattr(dialect, name), queue, timeout, driver))
+    setattr(dialect, "do_commit", _released_after(dialect.do_commit, queue, driver, commit=True))  # noqa: B010
+    setattr(dialect, "do_rollback", _released_after(dialect.do_rollback, queue, driver, commit=False))  # noqa: B010
 
     def release(dbapi_connection: Any, *args: Any) -> None:
         if dbapi_connection is not None:
@@ -278,7 +371,7 @@ def _listen(engine: sa.Engine, queue: WriterQueue, timeout: float) -> None:
 
     def on_checkout(dbapi_connection: Any, *args: Any) -> None:
         # A turn its transaction's end did not give back (a commit through the driver itself).
-        _after_statement(queue, dbapi_connection)
+        _after_statement(queue, dbapi_connection, driver)
 
     sa.event.listen(engine, "checkout", on_checkout)
     # No "checkin" or "reset" listener: a session whose end runs no listener ends on the event
@@ -288,14 +381,14 @@ def _listen(engine: sa.Engine, queue: WriterQueue, timeout: float) -> None:
 
 
 def _wait_for_turn(
-    queue: WriterQueue, dbapi_connection: Any, statement: str, context: Any, timeout: float
+    queue: WriterQueue, dbapi_connection: Any, statement: str, context: Any, timeout: float, driver: _Driver
 ) -> None:
     """Before a statement of a connection that does not hold the turn: wait for it if it writes."""
     if context is not None and (context.isinsert or context.isupdate or context.isdelete or context.isddl):
         kind = _WRITE
     else:
         kind = statement_kind(statement)
-    in_transaction = dbapi_connection.in_transaction
+    in_transaction = driver.in_transaction(dbapi_connection)
     fresh = queue._fresh
     key = id(dbapi_connection)
     # Waiting is safe only while this connection holds no SQLite lock: outside a transaction
@@ -312,49 +405,53 @@ def _wait_for_turn(
         elif fresh:
             fresh.discard(key)
     if kind == _WRITE:
-        queue.acquire(dbapi_connection, timeout if unlocked else 0.0)
+        driver.acquire(queue, dbapi_connection, timeout if unlocked else 0.0)
 
 
-def _after_statement(queue: WriterQueue, dbapi_connection: Any) -> None:
+def _after_statement(queue: WriterQueue, dbapi_connection: Any, driver: _Driver) -> None:
     """After a statement, failed or not: no transaction left (autocommit), no turn kept."""
-    if queue._owner is dbapi_connection and not _in_transaction(dbapi_connection):
+    if queue._owner is dbapi_connection and not driver.in_transaction(dbapi_connection):
         queue.release(dbapi_connection)
 
 
-def _queued(method: Any, queue: WriterQueue, timeout: float) -> Any:
+def _queued(method: Any, queue: WriterQueue, timeout: float, driver: _Driver) -> Any:
     """``method`` (a dialect's ``do_execute`` / ``do_executemany`` / ``do_execute_no_params``,
     called as SQLAlchemy calls them: the context last) with the writer's turn taken before and
     given back after (autocommit, a failed statement outside a transaction)."""
 
     at = 0 if method.__name__ == "do_execute_no_params" else 1  # where the context is, after the SQL
 
+    connection_of = driver.connection_of
+
     @functools.wraps(method)
     def wrapper(cursor: Any, statement: str, *arguments: Any) -> None:
-        dbapi_connection = cursor.connection
+        dbapi_connection = connection_of(cursor)
         if queue._owner is not dbapi_connection:
             context = arguments[at] if len(arguments) > at else None
-            _wait_for_turn(queue, dbapi_connection, statement, context, timeout)
+            _wait_for_turn(queue, dbapi_connection, statement, context, timeout, driver)
         try:
             method(cursor, statement, *arguments)
         finally:
             if queue._owner is dbapi_connection:
-                _after_statement(queue, dbapi_connection)
+                _after_statement(queue, dbapi_connection, driver)
 
     return wrapper
 
 
-def _released_after(method: Any, queue: WriterQueue, *, commit: bool) -> Any:
+def _released_after(method: Any, queue: WriterQueue, driver: _Driver, *, commit: bool) -> Any:
     @functools.wraps(method)
     def wrapper(dbapi_connection: Any) -> None:
         try:
             method(dbapi_connection)
         except BaseException:
             raw = _raw(dbapi_connection)
-            if commit and _in_transaction(raw):
+            if commit and driver.in_transaction(raw):
                 # A failed COMMIT (a deferred foreign key, SQLITE_BUSY) leaves SQLite's transaction
                 # open with its write lock, while SQLAlchemy considers it over: the pool would
                 # take the connection back without a rollback, and lock every writer out.
-                with contextlib.suppress(sqlite3.Error):
+                # The COMMIT's own error is raised below; this rollback's (sqlite3's or aiosqlite
+                # adapter's, awaited in this greenlet) would only hide it.
+                with contextlib.suppress(Exception):
                     raw.rollback()
             raise
         finally:
