@@ -37,6 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.util import await_only
 
 __all__ = [
     "WriterQueue",
@@ -342,8 +343,10 @@ def _aiosqlite_sqlite3(adapted: Any) -> Any:
 
 
 def _acquire_awaited(queue: WriterQueue, connection: Any, timeout: float) -> bool:
-    from sqlalchemy.util import await_only  # in SQLAlchemy's greenlet, on the event loop
-
+    """The turn for an aiosqlite connection, in SQLAlchemy's greenlet on the event loop: taken at
+    once when it is free (no greenlet switch), else awaited."""
+    if queue.acquire(connection, 0.0) or timeout <= 0:
+        return queue.owner is connection
     return bool(await_only(queue.acquire_async(connection, timeout)))
 
 
