@@ -206,6 +206,35 @@ def test_an_anyio_cancel_scope_delivered_again_and_again_waits_too(here: bool) -
     run(scenario)
 
 
+@both
+def test_the_first_cancellation_is_the_one_raised_with_its_message(here: bool) -> None:
+    """anyio recognises its own cancellation by its message: a later future cancelled by its
+    owner inside the work must not replace it (the scope would not catch what it raised)."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        steps: list[str] = []
+
+        async def work() -> None:
+            first = loop.create_future()
+            loop.call_later(0.005, first.set_result, None)
+            await first  # anyio's cancellation arrives meanwhile, and is kept
+            second = loop.create_future()
+            loop.call_soon(second.cancel)
+            try:
+                await second
+            except asyncio.CancelledError:
+                steps.append("its own future cancelled, handled")
+
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await run_to_completion(work, here=here)
+        assert steps == ["its own future cancelled, handled"]
+        assert scope.cancelled_caught
+
+    run(scenario)
+
+
 @in_place_only
 def test_a_receive_that_is_not_a_coroutine_is_polled_in_place_without_a_deadlock() -> None:
     """The poll of a receive that returns a future (not a coroutine) waits one loop turn of its

@@ -128,7 +128,9 @@ def _in_place(coro: Coroutine[Any, Any, _T], task: asyncio.Task[Any]) -> Generat
             raise
         except asyncio.CancelledError as error:
             owners = future is not None and future.cancelled()  # cancelled by whoever made it
-            if not owners or cancelling() > requested:  # the task's (anyio's message kept)
+            # The task's (the first one kept, with its message: anyio knows its own by it);
+            # with the owner's, the task's too when the task was cancelled meanwhile.
+            if kept is None and (not owners or cancelling() > requested):
                 kept = error
             if owners:  # coro's own: it gets it where it waits
                 thrown = asyncio.CancelledError()
