@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker
 from fastapi_sessionmaker._sqlite import WriterQueue, _wake, writer_queue_of
 from tests.conftest import checked_out
-from tests.test_sqlite_writers import INSERT, Base, Note, count, run_together
+from tests.test_sqlite_writers import INSERT, Base, Note, count, post_together, timed_inserts
 
 DEADLINE = 10.0
 
@@ -69,18 +69,7 @@ def test_64_concurrent_async_request_writers_are_all_stored_and_none_waits_insid
 ) -> None:
     """Measured without the line: 12 of 640 requests got 503 ("database is locked" after the 5 s
     busy timeout), p99 5.6 s. With it an INSERT starts once its connection has the turn."""
-    inserts: list[float] = []
-    original: Any = SQLiteDialect_aiosqlite.do_execute
-
-    def timed(self: Any, cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        begun = time.monotonic()
-        try:
-            original(self, cursor, statement, parameters, context)
-        finally:
-            if statement.startswith("INSERT"):
-                inserts.append(time.monotonic() - begun)
-
-    monkeypatch.setattr(SQLiteDialect_aiosqlite, "do_execute", timed)
+    inserts, _ = timed_inserts(SQLiteDialect_aiosqlite, monkeypatch)
     db = async_maker(url, pool_size=64, max_overflow=8)
     app = FastAPI()
     db.init_app(app)
@@ -92,22 +81,8 @@ def test_64_concurrent_async_request_writers_are_all_stored_and_none_waits_insid
         await session.flush()
         return {"id": note.id}
 
-    client = serve(app)
-    base_url = str(client.base_url)
     writers, each = 64, 10
-    statuses: list[int] = []
-    lock = threading.Lock()
-    start = threading.Barrier(writers)
-
-    def writer() -> None:
-        with httpx.Client(base_url=base_url, timeout=30.0) as own:
-            start.wait(timeout=10)
-            for _ in range(each):
-                status = own.post("/notes").status_code
-                with lock:
-                    statuses.append(status)
-
-    run_together(writer, writers, timeout=90)
+    statuses, _ = post_together(str(serve(app).base_url), "/notes", writers, each, timeout=90)
     engine = sa.create_engine(url)
     try:
         assert statuses == [201] * (writers * each)

@@ -138,6 +138,51 @@ def run_together(target: Callable[[], Any], count: int, timeout: float) -> None:
     assert not any(thread.is_alive() for thread in threads), f"threads still running after {timeout} s"
 
 
+def timed_inserts(dialect: type[Any], monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], Any]:
+    """The seconds each INSERT spent in ``dialect``'s driver execute, and the timing function.
+
+    Patched on the dialect class before the engine exists, so the queue's own wrapper (installed
+    with the engine) wraps it: the time after any wait for the turn.
+    """
+    inserts: list[float] = []
+    original: Any = dialect.do_execute
+
+    def timed(self: Any, cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+        begun = time.monotonic()
+        try:
+            original(self, cursor, statement, parameters, context)
+        finally:
+            if statement.startswith("INSERT"):
+                inserts.append(time.monotonic() - begun)
+
+    monkeypatch.setattr(dialect, "do_execute", timed)
+    return inserts, timed
+
+
+def post_together(
+    base_url: str, path: str, writers: int, each: int, timeout: float
+) -> tuple[list[int], list[float]]:
+    """``writers`` clients that start together and each ``POST`` ``each`` times: the statuses, and
+    each request's seconds."""
+    statuses: list[int] = []
+    latencies: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(writers)
+
+    def writer() -> None:
+        with httpx.Client(base_url=base_url, timeout=30.0) as own:
+            start.wait(timeout=10)
+            for _ in range(each):
+                began = time.monotonic()
+                status = own.post(path).status_code
+                with lock:
+                    statuses.append(status)
+                    latencies.append(time.monotonic() - began)
+
+    run_together(writer, writers, timeout=timeout)
+    return statuses, latencies
+
+
 # -- under contention ----------------------------------------------------------------------------
 def test_32_concurrent_request_writers_are_all_stored_without_a_freeze(
     url: str,
@@ -149,20 +194,7 @@ def test_32_concurrent_request_writers_are_all_stored_without_a_freeze(
     another hop, 20 requests each. Without the queue the writers wait inside SQLite (its busy
     handler sleeps up to 100 ms a time): an INSERT took 1-3 s there, a request's p99 1.4 s. With
     it, an INSERT starts once its connection has the turn, and runs at once."""
-    inserts: list[float] = []
-    # Time the driver's execute alone: patched on the dialect class before the engine exists, so
-    # the queue's own wrapper (installed with the engine) wraps it, after any wait for the turn.
-    original: Any = SQLiteDialect_pysqlite.do_execute
-
-    def timed(self: Any, cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        begun = time.monotonic()
-        try:
-            original(self, cursor, statement, parameters, context)
-        finally:
-            if statement.startswith("INSERT"):
-                inserts.append(time.monotonic() - begun)
-
-    monkeypatch.setattr(SQLiteDialect_pysqlite, "do_execute", timed)
+    inserts, timed = timed_inserts(SQLiteDialect_pysqlite, monkeypatch)
     db = makers(url, timeout=30.0, pool_size=32, max_overflow=8)  # a freeze would show as > 30 s
     engine = db.cached_engine
     Base.metadata.create_all(engine)
@@ -180,26 +212,9 @@ def test_32_concurrent_request_writers_are_all_stored_without_a_freeze(
         session.flush()
         return NoteOut.model_validate(note)
 
-    client = serve(app)
-    base_url = str(client.base_url)
     writers, each = 32, 20
-    statuses: list[int] = []
-    latencies: list[float] = []
-    lock = threading.Lock()
-    start = threading.Barrier(writers)
-
-    def writer() -> None:
-        with httpx.Client(base_url=base_url, timeout=30.0) as own:
-            start.wait(timeout=10)
-            for _ in range(each):
-                began = time.monotonic()
-                status = own.post("/notes").status_code
-                with lock:
-                    statuses.append(status)
-                    latencies.append(time.monotonic() - began)
-
     began = time.monotonic()
-    run_together(writer, writers, timeout=60)
+    statuses, latencies = post_together(str(serve(app).base_url), "/notes", writers, each, timeout=60)
     wall = time.monotonic() - began
 
     assert statuses == [201] * (writers * each)

@@ -149,13 +149,8 @@ class WriterQueue:
         True at once when ``connection`` already holds it.
         """
         with self._mutex:
-            if self._owner is connection:
-                return True
-            if self._owner is None and not self._waiters:
-                self._owner = connection
-                return True
-            if timeout <= 0:
-                return False
+            if self._taken(connection) or timeout <= 0:
+                return self._owner is connection
             waiter = threading.Lock()
             waiter.acquire()
             entry = (functools.partial(_unlock, waiter), connection)
@@ -169,13 +164,8 @@ class WriterQueue:
         Cancelled meanwhile, it gives back a turn it was handed and raises.
         """
         with self._mutex:
-            if self._owner is connection:
-                return True
-            if self._owner is None and not self._waiters:
-                self._owner = connection
-                return True
-            if timeout <= 0:
-                return False
+            if self._taken(connection) or timeout <= 0:
+                return self._owner is connection
             loop = asyncio.get_running_loop()
             turn = loop.create_future()
             entry = (functools.partial(_wake, loop, turn), connection)
@@ -190,6 +180,12 @@ class WriterQueue:
         finally:
             timer.cancel()
         return self._settled(entry)
+
+    def _taken(self, connection: Any) -> bool:
+        """Under the mutex: whether ``connection`` holds the turn, taking it when nobody does or waits."""
+        if self._owner is None and not self._waiters:
+            self._owner = connection
+        return self._owner is connection
 
     def _settled(self, entry: tuple[Callable[[], bool], Any]) -> bool:
         """After a wait: whether the turn was handed over, else the waiter leaves the line."""
