@@ -159,10 +159,13 @@ class RequestState:
             if semaphore is not None:
                 semaphore.release()
             raise
-        self.entries.append(_Entry(maker, session, chosen, semaphore))
-        if not maker.is_async:
-            self.loop_only = False
+        self._add(_Entry(maker, session, chosen, semaphore))
         return session
+
+    def _add(self, entry: _Entry) -> None:
+        self.entries.append(entry)
+        if not entry.maker.is_async:
+            self.loop_only = False
 
     def record_exit(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> bool:
         """Exit-stack callback run when the endpoint is done: remember whether it raised."""
@@ -180,9 +183,7 @@ class RequestState:
             if entry.maker is maker:
                 return entry.session
         session = maker.lifecycle.open(maker.policy)
-        self.entries.append(_Entry(maker, session, maker.policy, None))
-        if not maker.is_async:
-            self.loop_only = False
+        self._add(_Entry(maker, session, maker.policy, None))
         return session
 
     async def finish(

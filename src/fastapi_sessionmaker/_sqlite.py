@@ -322,33 +322,37 @@ class _Driver:
     def __init__(
         self,
         connection_of: Callable[[Any], Any],
-        sqlite3_of: Callable[[Any], Any],
+        in_transaction: Callable[[Any], bool],
         acquire: Callable[[WriterQueue, Any, float], bool],
     ) -> None:
         self.connection_of = connection_of  # a cursor's DBAPI connection (what the pool holds)
-        self.sqlite3_of = sqlite3_of  # that connection's sqlite3 connection (None: closed)
+        self.in_transaction = in_transaction  # whether that connection holds a transaction
         self.acquire = acquire
-
-    def in_transaction(self, dbapi_connection: Any) -> bool:
-        raw = self.sqlite3_of(dbapi_connection)
-        return raw is not None and _in_transaction(raw)
 
 
 def _aiosqlite_sqlite3(adapted: Any) -> Any:
+    """The sqlite3 connection under SQLAlchemy's aiosqlite adapter (None: closed)."""
     return getattr(getattr(adapted, "_connection", None), "_connection", None)
+
+
+def _aiosqlite_in_transaction(adapted: Any) -> bool:
+    raw = _aiosqlite_sqlite3(adapted)
+    return raw is not None and _in_transaction(raw)
 
 
 def _acquire_awaited(queue: WriterQueue, connection: Any, timeout: float) -> bool:
     """The turn for an aiosqlite connection, in SQLAlchemy's greenlet on the event loop: taken at
     once when it is free (no greenlet switch), else awaited."""
-    if queue.acquire(connection, 0.0) or timeout <= 0:
-        return queue.owner is connection
-    return bool(await_only(queue.acquire_async(connection, timeout)))
+    if queue.acquire(connection, 0.0):
+        return True
+    return timeout > 0 and bool(await_only(queue.acquire_async(connection, timeout)))
 
 
 _DRIVERS = {
-    "pysqlite": _Driver(operator.attrgetter("connection"), lambda raw: raw, WriterQueue.acquire),
-    "aiosqlite": _Driver(operator.attrgetter("_adapt_connection"), _aiosqlite_sqlite3, _acquire_awaited),
+    "pysqlite": _Driver(operator.attrgetter("connection"), _in_transaction, WriterQueue.acquire),
+    "aiosqlite": _Driver(
+        operator.attrgetter("_adapt_connection"), _aiosqlite_in_transaction, _acquire_awaited
+    ),
 }
 
 
@@ -470,6 +474,10 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - every POSIX Python; W
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _is_aiosqlite(dialect: Any) -> bool:
+    return dialect.name == "sqlite" and dialect.driver == "aiosqlite"  # type: ignore[no-any-return]
+
+
 def skip_idle_ends(engine: sa.Engine) -> bool:
     """Answer an aiosqlite ``commit()`` or ``rollback()`` with no SQLite transaction open on the
     event loop, without the round trip through aiosqlite's thread.
@@ -485,7 +493,7 @@ def skip_idle_ends(engine: sa.Engine) -> bool:
     running in aiosqlite's thread) invalidates the connection, which is never used again.
     """
     dialect = engine.dialect
-    if dialect.name != "sqlite" or dialect.driver != "aiosqlite":
+    if not _is_aiosqlite(dialect):
         return False
     for name in ("do_commit", "do_rollback"):
         setattr(dialect, name, _unless_idle(getattr(dialect, name)))
@@ -495,8 +503,7 @@ def skip_idle_ends(engine: sa.Engine) -> bool:
 def _unless_idle(method: Any) -> Any:
     @functools.wraps(method)
     def wrapper(dbapi_connection: Any) -> None:
-        driver = getattr(_raw(dbapi_connection), "_connection", None)  # the aiosqlite.Connection
-        raw = getattr(driver, "_connection", None)  # its sqlite3 connection (None: closed)
+        raw = _aiosqlite_sqlite3(_raw(dbapi_connection))
         # Closed meanwhile (or no sqlite3 connection): the driver's own call says what follows.
         if raw is not None and not _in_transaction(raw, closed=True):
             return
@@ -529,7 +536,7 @@ def terminate_in_order(engine: sa.Engine) -> bool:
     aiosqlite is left as it is (False).
     """
     dialect = engine.dialect
-    if dialect.name != "sqlite" or dialect.driver != "aiosqlite":
+    if not _is_aiosqlite(dialect):
         return False
     dialect.do_terminate = _in_order(dialect.do_terminate)  # type: ignore[method-assign]
     return True
