@@ -82,8 +82,9 @@ def test_the_async_request_session_keeps_the_configured_classes(tmp_path: Path, 
 def test_only_the_sync_twin_locks_every_method(tmp_path: Path) -> None:
     """The sync twin's sessions may be used by a worker thread while the guard ends them, so
     every method that may do I/O holds the session's lock; the async twin's run on the event
-    loop's thread only (one task at a time is SerialAsyncSession's check) and skip that layer,
-    keeping the rules that matter there: writes refused and reads alone after the response."""
+    loop's thread only (one task at a time is SerialAsyncSession's check) and skip that layer:
+    until the response starts they are the configured class itself (no layer between the endpoint
+    and SQLAlchemy), then they take the rules that matter there: writes refused and reads alone."""
     sync = FastAPISessionMaker(f"sqlite:///{tmp_path}/s.db")
     session = sync.lifecycle.open(CommitPolicy.AUTO)
     try:
@@ -101,16 +102,20 @@ def test_only_the_sync_twin_locks_every_method(tmp_path: Path) -> None:
         session: Any = maker.lifecycle.open(CommitPolicy.AUTO)
         try:
             inner = session.sync_session
-            assert isinstance(inner, RequestSessionMixin)
-            assert not isinstance(inner, LockedMixin)
-            assert type(inner).get is Session.get  # no wrapper between the session and SQLAlchemy
-            await session.execute(sa.text("SELECT 1"))
+            assert not isinstance(inner, RequestSessionMixin)  # no rule to pay before the start
+            assert type(inner).execute is Session.execute and type(inner).add is Session.add
+            session.add(User(email="early@x"))
             await session.commit()
             mark_response_started(session)
+            assert isinstance(inner, RequestSessionMixin)  # the rules, from the status line on
+            assert not isinstance(inner, LockedMixin)
+            assert type(inner).get is Session.get  # no wrapper between the session and SQLAlchemy
             assert (await session.execute(sa.text("SELECT 2"))).scalar() == 2  # a read of its own
             assert not session.in_transaction()
             with pytest.raises(ResponseStartedError):
                 session.add(User(email="late@x"))
+            rows = await session.execute(sa.text("SELECT email FROM fsm_users"))
+            assert rows.scalars().all() == ["early@x"]
         finally:
             await session.close()
             await maker.dispose()

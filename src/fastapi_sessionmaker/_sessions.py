@@ -19,6 +19,12 @@ The async twin composes its ``sync_session_class`` the same way, so both twins s
   worker threads. A write there can no longer be committed before the response, so it raises
   :class:`~fastapi_sessionmaker.exceptions.ResponseStartedError` (and is logged) instead of being
   dropped silently.
+
+  The async twin's sessions take these rules only when the response starts: until then the
+  session is the configured class as it is (no layer between the endpoint and SQLAlchemy), and
+  :func:`mark_response_started` switches it to the composed class that adds them (its
+  ``_fsm_armed``). The sync twin's sessions have them from the start, under the lock they need
+  anyway.
 """
 
 from __future__ import annotations
@@ -262,21 +268,29 @@ def compose(
 ) -> type[_S]:
     """The request-session class for the configured ``base`` (cached: one class per variant).
 
-    ``threads``: the session may be used from worker threads (the sync twin): :class:`LockedMixin`.
+    ``threads``: the session may be used from worker threads (the sync twin): :class:`LockedMixin`
+    from the start. Without threads (the async twin) the class adds no layer until the response
+    starts: it is ``base`` with the policy's and the ``mixins``' rules only, and its ``_fsm_armed``
+    is the class with :class:`RequestSessionMixin` that :func:`mark_response_started` switches the
+    session to.
     ``buffer_rows``: fetch every row of a result before returning it (SQLite, sync twin).
     ``mixins``: more rules, under the request rules (a read replica's routing).
     """
     key = (base, read_only, threads, buffer_rows, mixins)
     composed = _COMPOSED.get(key)
     if composed is None:
+        rules: tuple[type, ...] = (
+            (ReadOnlyMixin,) if read_only and not issubclass(base, ReadOnlyMixin) else ()
+        )
+        rules += mixins
         bases: tuple[type, ...] = (LockedMixin if threads else RequestSessionMixin,)
         if is_sqlmodel_session(base):
             bases = (ExecThroughExecute, *bases)
-        if read_only and not issubclass(base, ReadOnlyMixin):
-            bases += (ReadOnlyMixin,)
-        bases += mixins
-        attributes = {"__module__": base.__module__, "_fsm_buffer": buffer_rows}
-        composed = type(f"Request{base.__name__}", (*bases, base), attributes)
+        attributes: dict[str, Any] = {"__module__": base.__module__, "_fsm_buffer": buffer_rows}
+        composed = type(f"Request{base.__name__}", (*bases, *rules, base), attributes)
+        if not threads:  # the async twin: the same class without the request rules until the start
+            attributes = {"__module__": base.__module__, "_fsm_armed": composed}
+            composed = type(f"Request{base.__name__}", (*rules, base), attributes)
         _COMPOSED[key] = composed
     return composed  # type: ignore[return-value]
 
@@ -326,7 +340,10 @@ _SERIAL_METHODS = (
 )
 
 
-def _serial(name: str, base: type[AsyncSession] = AsyncSession) -> Callable[..., Any]:
+def _serial(name: str, then: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    """The checked ``name`` method: ``then`` is what it runs (the next class's method, found once
+    when a class is composed); ``None`` looks it up after :class:`SerialAsyncSession` per call."""
+
     async def serial(self: SerialAsyncSession, *args: Any, **kwargs: Any) -> Any:
         running = self._fsm_running
         if running is not None:
@@ -338,7 +355,9 @@ def _serial(name: str, base: type[AsyncSession] = AsyncSession) -> Callable[...,
             )
         self._fsm_running = name
         try:
-            return await getattr(super(SerialAsyncSession, self), name)(*args, **kwargs)
+            if then is None:
+                return await getattr(super(SerialAsyncSession, self), name)(*args, **kwargs)
+            return await then(self, *args, **kwargs)
         finally:
             self._fsm_running = None
             idle = self._fsm_idle
@@ -347,7 +366,7 @@ def _serial(name: str, base: type[AsyncSession] = AsyncSession) -> Callable[...,
                 if not idle.done():
                     idle.set_result(None)
 
-    return functools.wraps(getattr(base, name))(serial)
+    return functools.wraps(then or getattr(AsyncSession, name))(serial)
 
 
 for _name in _SERIAL_METHODS:
@@ -358,14 +377,21 @@ _COMPOSED_ASYNC: dict[type[AsyncSession], type[AsyncSession]] = {}
 
 
 def compose_async(base: type[AsyncSession]) -> type[AsyncSession]:
-    """The configured ``AsyncSession`` class with :class:`SerialAsyncSession`'s check in front."""
+    """The configured ``AsyncSession`` class with :class:`SerialAsyncSession`'s check in front.
+
+    Each checked method of the composed class calls ``base``'s own directly (what ``super()``
+    finds there), without a lookup per call.
+    """
     if issubclass(base, SerialAsyncSession):
         return base
     composed = _COMPOSED_ASYNC.get(base)
     if composed is None:
         attributes: dict[str, Any] = {"__module__": base.__module__}
+        names = [name for name in _SERIAL_METHODS if hasattr(AsyncSession, name)]
         if hasattr(base, "exec"):  # SQLModel's AsyncSession.exec (it does not call execute)
-            attributes["exec"] = _serial("exec", base)
+            names.append("exec")
+        for name in names:
+            attributes[name] = _serial(name, getattr(base, name))
         composed = type(f"Serial{base.__name__}", (SerialAsyncSession, base), attributes)
         _COMPOSED_ASYNC[base] = composed
     return composed
@@ -419,8 +445,16 @@ def response_started(session: Any) -> bool:
 
 
 def mark_response_started(session: Any) -> None:
-    """From now on ``session`` (sync or async) serves reads only, without holding a connection."""
+    """From now on ``session`` (sync or async) serves reads only, without holding a connection.
+
+    An async twin's session takes the request rules here (:func:`compose`): its class becomes the
+    one that adds them, a change of class only (the two differ in methods, not in layout).
+    """
     target = sync_of(session)
+    armed = getattr(type(target), "_fsm_armed", None)
+    if armed is not None:
+        target._fsm_lock = threading.RLock()  # type: ignore[attr-defined]  # as RequestSessionMixin.__init__
+        target.__class__ = armed
     if isinstance(target, RequestSessionMixin):
         target._fsm_started = True
 
