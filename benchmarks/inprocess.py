@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import json
 import os
@@ -65,6 +66,10 @@ from harness import (
 # -- child: drive one app ------------------------------------------------------------------------
 
 Message = dict[str, Any]
+LAYOUT_VARIABLE = "BENCH_LAYOUT"
+NO_GC_VARIABLE = "BENCH_NO_GC"
+LAYOUTS = (0, 3, 11, 29, 47, 71, 97, 131)
+"""The layouts ``--layouts N`` takes the first N of (classes made before the app is imported)."""
 
 
 async def call(
@@ -144,6 +149,10 @@ async def drive(
     module: str, endpoints: list[str], warmup: int, requests: int, concurrency: int
 ) -> dict[str, dict[str, float]]:
     """Serve ``endpoints`` one after the other from one app; per endpoint, CPU and wall µs per request."""
+    # --layouts: a few classes more or less before the app (a type version tag each) shift where
+    # its types land in CPython's method cache; the parent averages the counts over such layouts.
+    for n in range(int(os.environ.get(LAYOUT_VARIABLE, "0"))):
+        getattr(type(f"Layout{n}", (), {}), "layout", None)
     app = importlib.import_module(module).app  # found through PYTHONPATH (``harness.app_path``)
     shutdown, _ = await lifespan(app)
     counter = iter(range(10**9))
@@ -161,6 +170,9 @@ async def drive(
             await asyncio.gather(*(client(share + (i < extra)) for i in range(concurrency)))
 
         await batch(warmup)
+        if os.environ.get(NO_GC_VARIABLE):  # --no-gc: no collection falls into the count
+            gc.collect()
+            gc.disable()
         os.getppid()  # under callgrind (``--instructions``): counting starts here (--zero-before)
         cpu, wall = time.process_time(), time.perf_counter()
         await batch(requests)
@@ -182,6 +194,21 @@ def child_main(args: argparse.Namespace) -> int:
 
 
 def run_child(
+    python: str, module: str, endpoints: list[str], args: argparse.Namespace, env: dict[str, str]
+) -> dict[str, float]:
+    """:func:`run_once`, or with ``--instructions --layouts N`` its mean over N layouts."""
+    if args.no_gc:
+        env = {**env, NO_GC_VARIABLE: "1"}
+    if not args.instructions or args.layouts <= 1:
+        return run_once(python, module, endpoints, args, env)
+    counts = [
+        run_once(python, module, endpoints, args, {**env, LAYOUT_VARIABLE: str(layout)})
+        for layout in LAYOUTS[: args.layouts]
+    ]
+    return {endpoint: statistics.fmean(count[endpoint] for count in counts) for endpoint in endpoints}
+
+
+def run_once(
     python: str, module: str, endpoints: list[str], args: argparse.Namespace, env: dict[str, str]
 ) -> dict[str, float]:
     """Per endpoint, the CPU µs per request of ``module``, measured by one child process; with
@@ -237,6 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         "--instructions",
         action="store_true",
         help="count instructions per request with valgrind's callgrind (slow, but the same under any load)",
+    )
+    parser.add_argument(
+        "--layouts",
+        type=int,
+        default=1,
+        help=f"with --instructions: the mean over this many memory layouts (at most {len(LAYOUTS)}): "
+        "a change of code moves every count by up to 2 %% through CPython's method cache alone",
+    )
+    parser.add_argument(
+        "--no-gc", action="store_true", help="no garbage collection while counting (its cost in steps)"
     )
     parser.add_argument(
         "--python",

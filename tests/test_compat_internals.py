@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from fastapi_sessionmaker import FastAPISessionMaker, _compat
 from tests.models import User, reset_tables
@@ -177,3 +177,89 @@ def test_uvicorn_tells_whether_the_client_is_gone(http: str) -> None:
         f"({seen}): update _compat.server_disconnected (the guard polls receive() otherwise)"
     )
     assert _compat.server_disconnected(lambda: None) is None  # another server: poll instead
+
+
+class _OwnCommit(Session):
+    commits = 0
+
+    def commit(self) -> None:
+        self.commits += 1
+        super().commit()
+
+
+def _emails(engine: sa.Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(connection.execute(sa.text("SELECT email FROM fsm_users ORDER BY email")).scalars())
+
+
+def test_commit_takes_the_short_way_when_that_is_all_a_commit_does(
+    sync_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_compat.commit`` skips the ORM's prepare step only where it would do nothing: what a
+    commit does for the database, its listeners and the pool happens either way."""
+    reset_tables(sync_engine)
+    prepared: list[object] = []
+    original = SessionTransaction._prepare_impl
+
+    def prepare(transaction: SessionTransaction) -> None:
+        prepared.append(transaction)
+        original(transaction)
+
+    monkeypatch.setattr(SessionTransaction, "_prepare_impl", prepare)
+    seen: list[str] = []
+    sa.event.listen(sync_engine, "commit", lambda connection: seen.append("connection commit"))
+    insert = sa.text("INSERT INTO fsm_users (id, email, name) VALUES (:id, :email, '')")
+
+    session = Session(sync_engine, expire_on_commit=False)
+    sa.event.listen(session, "after_transaction_end", lambda s, t: seen.append("transaction end"))
+    session.execute(insert, {"id": "1" * 32, "email": "raw@x"})  # a raw write: nothing to flush
+    _compat.commit(session)
+    assert prepared == [], "the short way was not taken: see _compat.commit's conditions"
+    assert seen == ["connection commit", "transaction end"]
+    assert not session.in_transaction()
+    assert sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    session.close()
+    assert _emails(sync_engine) == ["raw@x"]
+
+    def ends(session: Session, email: str, *, before: Any = None) -> None:
+        """``_compat.commit`` of ``session`` after writing ``email`` (through ``before``): by the
+        ORM's own commit, which runs its prepare step."""
+        if before is None:
+            session.execute(insert, {"id": email[0] * 32, "email": email})
+        else:
+            before(session, email)
+        before_count = len(prepared)
+        _compat.commit(session)
+        assert len(prepared) > before_count, f"{email}: the ORM's own commit did not run"
+        assert not session.in_transaction()
+        session.close()
+
+    hooks: list[str] = []
+    pending = Session(sync_engine, expire_on_commit=False)
+    ends(pending, "b-pending@x", before=lambda s, email: s.add(User(email=email)))
+    expiring = Session(sync_engine)  # expire_on_commit=True
+    ends(expiring, "c-expiring@x")
+    listened = Session(sync_engine, expire_on_commit=False)
+    sa.event.listen(listened, "before_commit", lambda s: hooks.append("before"))
+    sa.event.listen(listened, "after_commit", lambda s: hooks.append("after"))
+    ends(listened, "d-listened@x")
+    nested = Session(sync_engine, expire_on_commit=False)
+
+    def in_savepoint(s: Session, email: str) -> None:
+        s.begin_nested()
+        s.execute(insert, {"id": email[0] * 32, "email": email})
+
+    ends(nested, "e-nested@x", before=in_savepoint)
+    own = _OwnCommit(sync_engine, expire_on_commit=False)
+    ends(own, "f-own@x")
+    assert own.commits == 1
+    assert hooks == ["before", "after"]
+    assert _emails(sync_engine) == [
+        "b-pending@x",
+        "c-expiring@x",
+        "d-listened@x",
+        "e-nested@x",
+        "f-own@x",
+        "raw@x",
+    ]
+    assert sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]

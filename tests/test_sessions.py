@@ -103,7 +103,8 @@ def test_only_the_sync_twin_locks_every_method(tmp_path: Path) -> None:
         try:
             inner = session.sync_session
             assert not isinstance(inner, RequestSessionMixin)  # no rule to pay before the start
-            assert type(inner).execute is Session.execute and type(inner).add is Session.add
+            assert type(inner).execute is Session.execute
+            assert type(inner).add is Session.add
             session.add(User(email="early@x"))
             await session.commit()
             mark_response_started(session)

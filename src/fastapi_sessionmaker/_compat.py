@@ -9,6 +9,11 @@ What is read, and why:
   lock), asked on every sync commit.
 - SQLAlchemy's ``SessionTransaction._connections``: the connections a session's transaction holds,
   to ask their drivers whether a transaction is open on the server.
+- SQLAlchemy's ``Session.commit()`` steps (``SessionTransaction._parent``, ``_state``,
+  ``_connections``): :func:`commit` commits a transaction that has nothing to flush and no listener
+  or option that a commit would run for by doing only what the commit would do then (commit each
+  connection, close the transaction), about a tenth of a request's instructions on an async read
+  cheaper.
 - SQLAlchemy's ``QueuePool._timeout`` / ``_max_overflow`` and ``Pool._pre_ping``: the pool's size
   limits and checks (no public accessor exists).
 - uvicorn's ``RequestResponseCycle.disconnected`` (the object behind the ``receive`` it passes):
@@ -39,6 +44,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.session import SessionTransactionState
 
 __all__ = [
     "api_routes",
@@ -124,6 +130,43 @@ def transaction_connections(session: Session) -> list[sa.Connection]:
         return []
     # Keyed by engine and by connection: one connection can appear twice.
     return list(dict.fromkeys(entry[0] for entry in transaction._connections.values()))
+
+
+_ORM_COMMIT = Session.commit
+_ACTIVE = SessionTransactionState.ACTIVE
+
+
+def commit(session: Session) -> None:
+    """``session.commit()``, by its short way when that is all the commit would do.
+
+    When ``session`` is a plain ``Session`` (its ``commit`` not overridden), its transaction is an
+    active root one (no SAVEPOINT, not two-phase), nothing is to be flushed, no ``before_commit`` or
+    ``after_commit`` listener is registered and ``expire_on_commit`` is off (the request sessions'
+    default), ``Session.commit()`` runs its prepare and state checks for nothing, then commits each
+    connection and closes the transaction. Only those last steps run here: the connections'
+    ``commit`` events, ``after_transaction_end`` and the return to the pool happen as in a commit,
+    and a failed COMMIT raises the driver's error with the transaction left for ``rollback()``.
+    Anything else goes through ``session.commit()``.
+    """
+    transaction = session._transaction
+    if (
+        type(session).commit is not _ORM_COMMIT
+        or transaction is None
+        or transaction._parent is not None
+        or transaction._state is not _ACTIVE
+        or session.expire_on_commit
+        or session.twophase
+        or session.dispatch.before_commit
+        or session.dispatch.after_commit
+        or not session._is_clean()
+    ):
+        session.commit()
+        return
+    for _, root, should_commit, _ in set(transaction._connections.values()):
+        if should_commit:
+            root.commit()
+    transaction._state = SessionTransactionState.COMMITTED
+    transaction.close()
 
 
 def pool_timeout(pool: sa.Pool, default: float = 30.0) -> float:

@@ -376,11 +376,18 @@ for _name in _SERIAL_METHODS:
 _COMPOSED_ASYNC: dict[type[AsyncSession], type[AsyncSession]] = {}
 
 
+async def _commit(session: AsyncSession) -> None:
+    """``AsyncSession.commit``: the sync session's commit in a greenlet, by
+    :func:`._compat.commit` (its short way when that is all a commit would do)."""
+    await AsyncSession.run_sync(session, _compat.commit)
+
+
 def compose_async(base: type[AsyncSession]) -> type[AsyncSession]:
     """The configured ``AsyncSession`` class with :class:`SerialAsyncSession`'s check in front.
 
     Each checked method of the composed class calls ``base``'s own directly (what ``super()``
-    finds there), without a lookup per call.
+    finds there), without a lookup per call; ``commit``, unless ``base`` has its own, commits
+    the sync session through :func:`._compat.commit`.
     """
     if issubclass(base, SerialAsyncSession):
         return base
@@ -391,7 +398,10 @@ def compose_async(base: type[AsyncSession]) -> type[AsyncSession]:
         if hasattr(base, "exec"):  # SQLModel's AsyncSession.exec (it does not call execute)
             names.append("exec")
         for name in names:
-            attributes[name] = _serial(name, getattr(base, name))
+            then = getattr(base, name)
+            if name == "commit" and then is AsyncSession.commit:
+                then = _commit  # what AsyncSession.commit does, by its short way when it can
+            attributes[name] = _serial(name, then)
         composed = type(f"Serial{base.__name__}", (SerialAsyncSession, base), attributes)
         _COMPOSED_ASYNC[base] = composed
     return composed

@@ -83,7 +83,7 @@ def end_sync(session: Session, commit: bool) -> None:
         session.rollback()
         return
     try:
-        session.commit()
+        _compat.commit(session)
     except BaseException:
         session.rollback()
         raise
