@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from fastapi_sessionmaker import (
     AsyncFastAPISessionMaker,
@@ -122,3 +122,39 @@ def test_only_the_sync_twin_locks_every_method(tmp_path: Path) -> None:
             await maker.dispose()
 
     asyncio.run(main())
+
+
+def test_the_sync_twin_commits_by_the_short_way_under_its_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync request session's commit takes ``_compat.commit``'s short way (nothing to flush, no
+    listener) while holding the session's lock, so a guard ending it from another thread waits."""
+    maker = FastAPISessionMaker(f"sqlite:///{tmp_path}/s.db")
+    engine = maker.cached_engine
+    reset_tables(engine)
+    prepared: list[object] = []
+    original = SessionTransaction._prepare_impl
+
+    def prepare(transaction: SessionTransaction) -> None:
+        prepared.append(transaction)
+        original(transaction)
+
+    monkeypatch.setattr(SessionTransaction, "_prepare_impl", prepare)
+    session: Any = maker.lifecycle.open(CommitPolicy.AUTO)
+    held: list[bool] = []
+    sa.event.listen(engine, "commit", lambda connection: held.append(session._fsm_lock._is_owned()))
+    try:
+        session.execute(sa.text("INSERT INTO fsm_users (id, email, name) VALUES ('1', 'raw@x', '')"))
+        session.commit()
+        assert prepared == []  # the short way
+        assert held == [True]
+        session.add(User(email="orm@x"))
+        session.commit()  # something to flush: Session.commit(), under the lock too
+        assert prepared  # the ORM's own commit ran
+        assert held == [True, True]
+    finally:
+        session.close()
+    with engine.connect() as connection:
+        emails = connection.execute(sa.text("SELECT email FROM fsm_users ORDER BY email")).scalars()
+        assert list(emails) == ["orm@x", "raw@x"]
+    maker.dispose()

@@ -136,21 +136,25 @@ _ORM_COMMIT = Session.commit
 _ACTIVE = SessionTransactionState.ACTIVE
 
 
-def commit(session: Session) -> None:
+def commit(session: Session, orm_commit: Callable[[], None] | None = None) -> None:
     """``session.commit()``, by its short way when that is all the commit would do.
 
-    When ``session`` is a plain ``Session`` (its ``commit`` not overridden), its transaction is an
-    active root one (no SAVEPOINT, not two-phase), nothing is to be flushed, no ``before_commit`` or
-    ``after_commit`` listener is registered and ``expire_on_commit`` is off (the request sessions'
-    default), ``Session.commit()`` runs its prepare and state checks for nothing, then commits each
-    connection and closes the transaction. Only those last steps run here: the connections'
+    ``orm_commit`` is the commit to call otherwise (default ``session.commit``; a class's own
+    ``commit`` that ends here passes ``super().commit``). When that is ``Session.commit`` itself
+    (not overridden), the session's transaction is an active root one (no SAVEPOINT, not
+    two-phase), nothing is to be flushed, no ``before_commit`` or ``after_commit`` listener is
+    registered and ``expire_on_commit`` is off (the request sessions' default), ``Session.commit()``
+    runs its prepare and state checks for nothing, then commits each connection and closes the
+    transaction. Only those last steps run here: the connections'
     ``commit`` events, ``after_transaction_end`` and the return to the pool happen as in a commit,
     and a failed COMMIT raises the driver's error with the transaction left for ``rollback()``.
-    Anything else goes through ``session.commit()``.
+    Anything else goes through ``orm_commit()``.
     """
+    if orm_commit is None:
+        orm_commit = session.commit
     transaction = session._transaction
     if (
-        type(session).commit is not _ORM_COMMIT
+        getattr(orm_commit, "__func__", None) is not _ORM_COMMIT
         or transaction is None
         or transaction._parent is not None
         or transaction._state is not _ACTIVE
@@ -160,7 +164,7 @@ def commit(session: Session) -> None:
         or session.dispatch.after_commit
         or not session._is_clean()
     ):
-        session.commit()
+        orm_commit()
         return
     for _, root, should_commit, _ in set(transaction._connections.values()):
         if should_commit:

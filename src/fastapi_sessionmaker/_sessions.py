@@ -126,9 +126,9 @@ _WRITES = (
 # ``get``, ``get_one`` and ``refresh`` load through ``execute``: after the response started, that
 # makes their read a short transaction of its own too.
 _LOCKED = (
-    *("begin", "begin_nested", "close", "commit", "connection", "get", "get_one"),
+    *("begin", "begin_nested", "close", "connection", "get", "get_one"),
     *("invalidate", "refresh", "reset", "rollback"),
-)
+)  # and ``commit`` (LockedMixin's own)
 _READ_ONLY_SQL = ("SELECT", "WITH", "SHOW", "EXPLAIN", "PRAGMA", "VALUES", "TABLE", "DESCRIBE")
 
 
@@ -249,6 +249,12 @@ for _name in _WRITES:
 class LockedMixin(RequestSessionMixin):
     """The sync twin's request sessions: every method that may do I/O or end the transaction
     holds the session's lock too (see the module docstring)."""
+
+    def commit(self) -> None:
+        """``Session.commit``, under the session's lock, by :func:`._compat.commit` (its short way
+        when that is all a commit would do)."""
+        with self._fsm_lock:
+            _compat.commit(self, super().commit)
 
 
 for _name in _LOCKED:
