@@ -23,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy.orm import SessionTransaction
 
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker
 
@@ -313,3 +314,18 @@ def serve() -> Iterator[Callable[..., httpx.Client]]:
             leaks.extend(pool_leaks(app))
         server.stop()
     assert not leaks, leaks
+
+
+@pytest.fixture
+def orm_prepares(monkeypatch: pytest.MonkeyPatch) -> list[SessionTransaction]:
+    """The transactions whose prepare step ran from here on: ``Session.commit()``'s own steps,
+    which ``_compat.commit``'s short way skips."""
+    prepared: list[SessionTransaction] = []
+    original = SessionTransaction._prepare_impl
+
+    def prepare(transaction: SessionTransaction) -> None:
+        prepared.append(transaction)
+        original(transaction)
+
+    monkeypatch.setattr(SessionTransaction, "_prepare_impl", prepare)
+    return prepared

@@ -193,19 +193,12 @@ def _emails(engine: sa.Engine) -> list[str]:
 
 
 def test_commit_takes_the_short_way_when_that_is_all_a_commit_does(
-    sync_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+    sync_engine: sa.Engine, orm_prepares: list[SessionTransaction]
 ) -> None:
     """``_compat.commit`` skips the ORM's prepare step only where it would do nothing: what a
     commit does for the database, its listeners and the pool happens either way."""
     reset_tables(sync_engine)
-    prepared: list[object] = []
-    original = SessionTransaction._prepare_impl
-
-    def prepare(transaction: SessionTransaction) -> None:
-        prepared.append(transaction)
-        original(transaction)
-
-    monkeypatch.setattr(SessionTransaction, "_prepare_impl", prepare)
+    prepared = orm_prepares
     seen: list[str] = []
     sa.event.listen(sync_engine, "commit", lambda connection: seen.append("connection commit"))
     insert = sa.text("INSERT INTO fsm_users (id, email, name) VALUES (:id, :email, '')")

@@ -125,21 +125,14 @@ def test_only_the_sync_twin_locks_every_method(tmp_path: Path) -> None:
 
 
 def test_the_sync_twin_commits_by_the_short_way_under_its_lock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, orm_prepares: list[SessionTransaction]
 ) -> None:
     """A sync request session's commit takes ``_compat.commit``'s short way (nothing to flush, no
     listener) while holding the session's lock, so a guard ending it from another thread waits."""
     maker = FastAPISessionMaker(f"sqlite:///{tmp_path}/s.db")
     engine = maker.cached_engine
     reset_tables(engine)
-    prepared: list[object] = []
-    original = SessionTransaction._prepare_impl
-
-    def prepare(transaction: SessionTransaction) -> None:
-        prepared.append(transaction)
-        original(transaction)
-
-    monkeypatch.setattr(SessionTransaction, "_prepare_impl", prepare)
+    prepared = orm_prepares
     session: Any = maker.lifecycle.open(CommitPolicy.AUTO)
     held: list[bool] = []
     sa.event.listen(engine, "commit", lambda connection: held.append(session._fsm_lock._is_owned()))
