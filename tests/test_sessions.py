@@ -151,3 +151,41 @@ def test_the_sync_twin_commits_by_the_short_way_under_its_lock(
         emails = connection.execute(sa.text("SELECT email FROM fsm_users ORDER BY email")).scalars()
         assert list(emails) == ["orm@x", "raw@x"]
     maker.dispose()
+
+
+def test_the_async_twin_commits_by_the_short_way_unless_its_class_has_its_own_commit(
+    tmp_path: Path, orm_prepares: list[SessionTransaction]
+) -> None:
+    """The composed AsyncSession's ``commit`` goes through ``_compat.commit`` (request sessions,
+    units of work, a user's own ``await session.commit()``); a configured class with its own
+    ``commit`` keeps it."""
+    own_commits: list[str] = []
+
+    class OwnCommit(AsyncSession):
+        async def commit(self) -> None:
+            own_commits.append("own")
+            await super().commit()
+
+    async def commit_one(maker: AsyncFastAPISessionMaker, email: str) -> None:
+        async with maker.cached_engine.begin() as connection:
+            await connection.run_sync(lambda c: reset_tables(c.engine))
+        session: Any = maker.lifecycle.open(CommitPolicy.AUTO)
+        try:
+            await session.execute(
+                sa.text("INSERT INTO fsm_users (id, email, name) VALUES (:id, :email, '')"),
+                {"id": email[0] * 32, "email": email},
+            )
+            await session.commit()
+            rows = await session.execute(sa.text("SELECT email FROM fsm_users"))
+            assert rows.scalars().all() == [email]
+        finally:
+            await session.close()
+            await maker.dispose()
+
+    asyncio.run(commit_one(AsyncFastAPISessionMaker(f"sqlite:///{tmp_path}/a.db"), "plain@x"))
+    assert orm_prepares == []  # the short way
+    assert own_commits == []
+    own = AsyncFastAPISessionMaker(f"sqlite:///{tmp_path}/b.db", session_class=OwnCommit)
+    asyncio.run(commit_one(own, "own@x"))
+    assert own_commits == ["own"]
+    assert orm_prepares  # the class's own commit, then SQLAlchemy's
