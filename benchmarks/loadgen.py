@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -64,14 +66,18 @@ end
 """
 
 
-def drive(loadgen: str, url: str, kind: str, connections: int, duration: float) -> dict[str, float]:
-    """Load ``url`` for ``duration`` seconds with ``wrk`` or ``httpx``, each in its own process.
+def drive(
+    loadgen: str, url: str, kind: str, connections: int, duration: float, *, cpus: set[int] | None = None
+) -> dict[str, float]:
+    """Load ``url`` for ``duration`` seconds with ``wrk`` or ``httpx``, each in its own process
+    (on ``cpus`` when given).
 
     Returns requests, duration_s, non2xx, errors, timeouts, p50_ms, p99_ms and in_flight_at_stop
     (the requests ``wrk`` abandons at its deadline, which the server may still complete).
     """
+    pinned = None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus)
     if loadgen == "wrk":
-        return _drive_wrk(url, kind, connections, duration)
+        return _drive_wrk(url, kind, connections, duration, pinned)
     out = subprocess.run(
         [
             sys.executable,
@@ -88,6 +94,7 @@ def drive(loadgen: str, url: str, kind: str, connections: int, duration: float) 
         text=True,
         timeout=duration + 120,
         check=False,
+        preexec_fn=pinned,
     )
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed: {out.stderr[-1000:]}")
@@ -95,7 +102,9 @@ def drive(loadgen: str, url: str, kind: str, connections: int, duration: float) 
     return result
 
 
-def _drive_wrk(url: str, kind: str, connections: int, duration: float) -> dict[str, float]:
+def _drive_wrk(
+    url: str, kind: str, connections: int, duration: float, pinned: Callable[[], None] | None
+) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_WRK_SCRIPT % (kind, ROWS))
     try:
@@ -115,6 +124,7 @@ def _drive_wrk(url: str, kind: str, connections: int, duration: float) -> dict[s
             text=True,
             timeout=duration + 60,
             check=False,
+            preexec_fn=pinned,
         )
     finally:
         os.unlink(script.name)

@@ -98,6 +98,8 @@ class Settings:
     oversub_pool: int
     oversub_connections: int
     loadgen: str
+    pin: bool = False
+    """``--pin``: the server on the first CPU, the load generator on the others (see ``cpus``)."""
 
 
 @dataclass
@@ -139,7 +141,13 @@ class BenchServer:
     """``serve.py <module>`` in a process of its own (the approach's Python), with its CPU and RSS."""
 
     def __init__(
-        self, approach: Approach, db: Database, pool_size: int, pool_timeout: float, max_overflow: int
+        self,
+        approach: Approach,
+        db: Database,
+        pool_size: int,
+        pool_timeout: float,
+        max_overflow: int,
+        cpus: set[int] | None = None,
     ) -> None:
         env = {
             **os.environ,
@@ -159,6 +167,8 @@ class BenchServer:
             stderr=self.log,
             text=True,
         )
+        if cpus is not None:  # before uvicorn starts: its threads (and the worker threads) inherit it
+            os.sched_setaffinity(self.process.pid, cpus)
         assert self.process.stdout is not None
         # serve.py prints the URL once uvicorn has started (or exits: then the line is empty);
         # a peer may log to standard output before it (FastSQLA and fastapi-sqla do, at start-up)
@@ -213,9 +223,14 @@ class BenchServer:
 
 @contextlib.contextmanager
 def serving(
-    approach: Approach, db: Database, pool_size: int, pool_timeout: float, max_overflow: int
+    approach: Approach,
+    db: Database,
+    pool_size: int,
+    pool_timeout: float,
+    max_overflow: int,
+    cpus: set[int] | None = None,
 ) -> Iterator[BenchServer]:
-    server = BenchServer(approach, db, pool_size, pool_timeout, max_overflow)
+    server = BenchServer(approach, db, pool_size, pool_timeout, max_overflow, cpus)
     try:
         yield server
     finally:
@@ -236,13 +251,31 @@ def choose_loadgen(wanted: str) -> str:
     return "httpx"
 
 
+def cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """With ``--pin``: the CPUs of the server (the first one this process may use) and of the load
+    generator (the others); ``(None, None)`` without it, or with a single CPU.
+
+    On a machine of two CPUs, the server, wrk and the database otherwise move between both, and
+    two runs of the same code in one round differ by more than the differences measured. The
+    database's processes are left where the system puts them.
+    """
+    allowed = sorted(os.sched_getaffinity(0))
+    if not pin or len(allowed) < 2:
+        return None, None
+    return {allowed[0]}, set(allowed[1:])
+
+
 def measure(run: Run, server: BenchServer, db: Database, cell: Cell, connections: int) -> None:
     s = run.settings
     before = count_rows(db) if cell.endpoint == "post" else 0
-    drive = loadgen.drive
-    warm = drive(s.loadgen, server.url, cell.endpoint, connections, s.warmup) if s.warmup > 0 else None
+    load_cpus = cpus(s.pin)[1]
+
+    def drive(seconds: float) -> dict[str, float]:
+        return loadgen.drive(s.loadgen, server.url, cell.endpoint, connections, seconds, cpus=load_cpus)
+
+    warm = drive(s.warmup) if s.warmup > 0 else None
     cpu0 = server.cpu_seconds()
-    load = drive(s.loadgen, server.url, cell.endpoint, connections, s.duration)
+    load = drive(s.duration)
     cpu1 = server.cpu_seconds()
     cell.requests = int(load["requests"])
     cell.rps = load["requests"] / load["duration_s"] if load["duration_s"] else 0.0
@@ -308,7 +341,8 @@ def serve_one(run: Run, name: str, db: Database, endpoints: list[str], rep: int,
     pool_timeout = 30.0 if main else 5.0
     max_overflow = s.max_overflow if main else 0  # oversubscribed: exactly the pool, no overflow
     try:
-        with serving(BY_NAME[name], db, pool_size, pool_timeout, max_overflow) as server:
+        server_cpus = cpus(s.pin)[0]
+        with serving(BY_NAME[name], db, pool_size, pool_timeout, max_overflow, server_cpus) as server:
             for endpoint in endpoints:
                 cell = Cell(scenario, rep, db.name, endpoint, name)
                 measure(run, server, db, cell, connections)
@@ -532,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-overflow", type=int, default=10)
     parser.add_argument("--loadgen", choices=["auto", "wrk", "httpx"], default="auto")
     parser.add_argument("--no-oversub", action="store_true", help="skip the oversubscription cells")
+    parser.add_argument(
+        "--pin", action="store_true", help="the server on one CPU, the load generator on the others"
+    )
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md (full run)")
     parser.add_argument(
         "--python",
@@ -575,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         oversub_pool=2,
         oversub_connections=64,
         loadgen=choose_loadgen(args.loadgen),
+        pin=args.pin,
     )
     run = Run(settings, skipped=skipped, notes={a: n for a, n in notes.items() if a in approaches})
     started = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -101,3 +102,16 @@ for a in harness.APPROACHES:
     for name, found, peer, python in rows:
         assert found == "True", name
         assert ("/benchmarks/peers/.venvs/" in python) == (peer == "True"), (name, python)
+
+
+def test_throughput_pin_puts_the_server_on_one_cpu_and_the_load_generator_on_the_others() -> None:
+    script = """
+import os, sys
+sys.path.insert(0, "benchmarks")
+import throughput
+print(sorted(os.sched_getaffinity(0)), throughput.cpus(True), throughput.cpus(False))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    allowed = sorted(os.sched_getaffinity(0))
+    server, load = ({allowed[0]}, set(allowed[1:])) if len(allowed) > 1 else (None, None)
+    assert out.stdout.split("] ", 1)[1].strip() == f"{(server, load)} (None, None)", out.stdout
