@@ -222,15 +222,8 @@ class BenchServer:
 
 
 @contextlib.contextmanager
-def serving(
-    approach: Approach,
-    db: Database,
-    pool_size: int,
-    pool_timeout: float,
-    max_overflow: int,
-    cpus: set[int] | None = None,
-) -> Iterator[BenchServer]:
-    server = BenchServer(approach, db, pool_size, pool_timeout, max_overflow, cpus)
+def serving(server: BenchServer) -> Iterator[BenchServer]:
+    """``server``, stopped when the block ends."""
     try:
         yield server
     finally:
@@ -341,8 +334,8 @@ def serve_one(run: Run, name: str, db: Database, endpoints: list[str], rep: int,
     pool_timeout = 30.0 if main else 5.0
     max_overflow = s.max_overflow if main else 0  # oversubscribed: exactly the pool, no overflow
     try:
-        server_cpus = cpus(s.pin)[0]
-        with serving(BY_NAME[name], db, pool_size, pool_timeout, max_overflow, server_cpus) as server:
+        server = BenchServer(BY_NAME[name], db, pool_size, pool_timeout, max_overflow, cpus(s.pin)[0])
+        with serving(server):
             for endpoint in endpoints:
                 cell = Cell(scenario, rep, db.name, endpoint, name)
                 measure(run, server, db, cell, connections)

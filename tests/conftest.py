@@ -168,13 +168,14 @@ MakerFactory = Callable[..., Maker]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_smoke(script: str, *options: str) -> str:
-    """Run ``benchmarks/<script> --smoke`` (bounded: 120 s); its standard output (it must exit 0)."""
+def run_smoke(script: str, *options: str, smoke: bool = True, timeout: float = 120) -> str:
+    """Run ``benchmarks/<script> --smoke`` (without ``--smoke`` when ``smoke`` is False; bounded by
+    ``timeout`` seconds); its standard output (it must exit 0)."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *options],
+        [sys.executable, str(ROOT / "benchmarks" / script), *(["--smoke"] if smoke else []), *options],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
         cwd=ROOT,
     )

@@ -42,17 +42,9 @@ def test_inprocess_instruction_count_leaves_out_what_a_worker_thread_did_before(
     # they fell into the count: 12.5 million per request over these 30, where a read costs 2.6.
     options = ["--instructions", "--db", "postgresql", "--approach", "ours-sync", "--endpoints", "get"]
     options += ["--rounds", "1", "--requests", "30", "--warmup", "10"]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "inprocess.py"), *options],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| postgresql |")]
-    assert [row[3].strip() for row in rows] == ["ours-sync"], result.stdout[-3000:]
+    output = run_smoke("inprocess.py", *options, smoke=False, timeout=180)
+    rows = [line.split("|") for line in output.splitlines() if line.startswith("| postgresql |")]
+    assert [row[3].strip() for row in rows] == ["ours-sync"], output[-3000:]
     thousands = float(rows[0][5].replace(",", ""))
     assert 1_000 < thousands < 5_000, rows
 
