@@ -27,11 +27,13 @@ def silent_port() -> Iterator[int]:
 
 
 @pytest.fixture
-def closed_port() -> int:
-    """A port nothing listens on (a database that is down)."""
+def closed_port() -> Iterator[int]:
+    """A port nothing listens on (a database that is down), held for the whole test: released, it
+    could be the next ephemeral port, and the test's own server took it (the "database" then
+    answered with HTTP, and asyncpg reported a ConnectionError)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        sock.bind(("127.0.0.1", 0))  # bound, never listening: connections to it are refused
+        yield int(sock.getsockname()[1])
 
 
 def timeouts(twin: str, seconds: int) -> dict[str, Any]:
