@@ -248,9 +248,9 @@ def cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
     """With ``--pin``: the CPUs of the server (the first one this process may use) and of the load
     generator (the others); ``(None, None)`` without it, or with a single CPU.
 
-    On a machine of two CPUs, the server, wrk and the database otherwise move between both, and
-    two runs of the same code in one round differ by more than the differences measured. The
-    database's processes are left where the system puts them.
+    On a machine of two CPUs, the server, wrk and the database otherwise move between both: the
+    same code measured twice in one round differed by up to 0.5x there, pinned by up to 0.16x
+    (docs/benchmarks.md, 2026-12-07). The database's processes are left where the system puts them.
     """
     allowed = sorted(os.sched_getaffinity(0))
     if not pin or len(allowed) < 2:
