@@ -32,9 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 
-from harness import BY_NAME, app_path, drop_database, prepare_database
+from harness import BY_NAME, app_path, drop_database, prepare_database, python_for
 
 INPROCESS = Path(__file__).resolve().parent / "inprocess.py"
+_SITE_PACKAGES = re.compile(r"(?<=:)[^:]*/site-packages/")
 _COST = re.compile(r"\s*([\d,]+)\s+\([^)]*\)\s+\?\?\?:0x([0-9a-f]+)")
 
 
@@ -43,7 +44,9 @@ def perf_map(path: Path) -> tuple[list[int], list[tuple[int, int, str]]]:
     entries = []
     for line in path.read_text().splitlines():
         start, size, name = line.split(" ", 2)
-        entries.append((int(start, 16), int(size, 16), name.removeprefix("py::")))
+        # "qualname:path": the path from site-packages on, so that two virtualenvs' names match
+        name = _SITE_PACKAGES.sub("", name.removeprefix("py::"))
+        entries.append((int(start, 16), int(size, 16), name))
     entries.sort()
     return [entry[0] for entry in entries], entries
 
@@ -73,15 +76,15 @@ def inclusive(out_file: Path, map_file: Path, requests: int) -> dict[str, float]
     return costs
 
 
-def measure(
-    python: str, approach: str, endpoint: str, env: dict[str, str], args: argparse.Namespace
-) -> dict[str, float]:
+def measure(approach: str, endpoint: str, env: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
     spec = BY_NAME[approach]
+    python = str(python_for(spec)) if args.peers else args.python
     env = {**env, "PYTHONPATH": app_path(spec)}
     with tempfile.TemporaryDirectory() as tmp:
         out_file = Path(tmp) / "callgrind.out"
         command = [
-            *("valgrind", "--tool=callgrind", "--zero-before=getppid", "--dump-before=getpgrp"),
+            # A dump starts the count (as in inprocess.py): every thread's earlier work is left out.
+            *("valgrind", "--tool=callgrind", "--dump-before=getppid", "--dump-before=getpgrp"),
             f"--callgrind-out-file={out_file}",
             *(python, "-X", "perf", str(INPROCESS), "--child", spec.module, "--endpoint", endpoint),
             *("--warmup", str(args.warmup), "--requests", str(args.requests), "--concurrency", "1"),
@@ -94,7 +97,7 @@ def measure(
         try:
             if child.returncode != 0:
                 raise SystemExit(f"{approach}: {stderr.strip()[-1500:]}")
-            return inclusive(Path(f"{out_file}.1"), map_file, args.requests)
+            return inclusive(Path(f"{out_file}.2"), map_file, args.requests)
         finally:
             map_file.unlink(missing_ok=True)
 
@@ -108,14 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--top", type=int, default=40, help="rows to print")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="allow the peers' approaches; every approach then runs on its virtualenv's Python",
+    )
     args = parser.parse_args(argv)
+    if args.peers:
+        import peers  # opt-in: the virtualenvs of ``throughput.py --peers`` (Python 3.12)
+
+        skipped, _ = peers.enable([a.name for a in peers.APPROACHES if a.name in args.approaches])
+        if skipped:
+            parser.error(f"peer not available: {skipped}")
     unknown = [name for name in args.approaches if name not in BY_NAME]
     if unknown:
         parser.error(f"unknown approach {', '.join(unknown)}: choose from {', '.join(BY_NAME)}")
     db = prepare_database(args.db)
     env = {**os.environ, **db.env(), "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
     try:
-        first, second = (measure(args.python, name, args.endpoint, env, args) for name in args.approaches)
+        first, second = (measure(name, args.endpoint, env, args) for name in args.approaches)
     finally:
         drop_database(args.db)
     rows = sorted(set(first) | set(second), key=lambda name: -abs(first.get(name, 0) - second.get(name, 0)))
