@@ -61,6 +61,8 @@ class Approach:
 APPROACHES = [
     Approach("ours-sync", "self_sync", "sync", ours=True),
     Approach("ours-async", "self_async", "async", ours=True),
+    Approach("ours-sync-declared", "self_sync_declared", "sync", ours=True),
+    Approach("ours-async-declared", "self_async_declared", "async", ours=True),
     Approach("handwritten-sync", "handwritten_sync", "sync"),
     Approach("handwritten-async", "handwritten_async", "async"),
     Approach("tutorial-sync", "tutorial_sync", "sync"),

@@ -28,8 +28,9 @@ def test_throughput_benchmark_smoke_mode_passes_its_correctness_check() -> None:
 def test_inprocess_cpu_benchmark_smoke_mode_measures_every_cell() -> None:
     output = run_smoke("inprocess.py")
     rows = [line for line in output.splitlines() if line.startswith("| sqlite |")]
-    # ours, the hand-written and the tutorial patterns, sync and async, on three endpoints; bare on /ping
-    assert len(rows) == 6 * 3 + 1, output[-3000:]
+    # ours (a DBSession parameter, and @db.with_session), the hand-written and the tutorial
+    # patterns, sync and async, on three endpoints; bare on /ping
+    assert len(rows) == 8 * 3 + 1, output[-3000:]
     for row in rows:
         cpu = float(row.split("|")[5].replace(",", ""))
         assert cpu > 0, row
@@ -88,6 +89,8 @@ for a in harness.APPROACHES:
     assert [name for name, *_ in rows if name.startswith(("ours", "bare"))] == [
         "ours-sync",
         "ours-async",
+        "ours-sync-declared",
+        "ours-async-declared",
         "bare",
     ]
     assert sum(peer == "True" for _, _, peer, _ in rows) == 5, rows

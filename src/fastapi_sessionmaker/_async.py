@@ -100,6 +100,24 @@ class AsyncFastAPISessionMaker(MakerBase[AsyncEngine, async_sessionmaker[AsyncSe
     def _sessionmaker_class(self) -> type[async_sessionmaker[AsyncSession]]:
         return async_sessionmaker
 
+    @property
+    def session(self) -> AsyncSession:
+        """The current request's session, in an endpoint declared with :meth:`with_session`
+        (or in a dependency of it); :class:`NotInstalledError` anywhere else.
+
+        Example:
+            >>> from fastapi import FastAPI
+            >>> db = AsyncFastAPISessionMaker("sqlite://")
+            >>> app = FastAPI()
+            >>> db.init_app(app)
+            >>> @app.get("/answer")
+            ... @db.with_session
+            ... async def answer() -> int:
+            ...     return (await db.session.execute(sa.text("SELECT 42"))).scalar_one()
+        """
+        session: AsyncSession = self._request_session()
+        return session
+
     async def get_db(self) -> AsyncIterator[AsyncSession]:
         """Generator dependency in the fastapi-utils style: commit after the endpoint.
 

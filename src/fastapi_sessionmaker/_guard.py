@@ -22,12 +22,14 @@ from fastapi_sessionmaker._multidb import PARTIAL
 from fastapi_sessionmaker._notfound import not_found_response
 from fastapi_sessionmaker._request import (
     CURRENT,
+    Declared,
     ErrorMapper,
     Registry,
     RequestMaker,
     RequestState,
     current_state,
     is_request_session,
+    route_sessions,
 )
 from fastapi_sessionmaker._retry import next_delay
 from fastapi_sessionmaker._shield import poll_receive, run_to_completion
@@ -209,15 +211,24 @@ class SessionGuard:
     Per HTTP request it costs two small objects, one context-variable set and a ``send`` that
     passes messages through; requests that open no session do no database work, no thread hop
     and no extra loop turn.
+
+    ``declared``: the sessions the route's endpoint declares (``@maker.with_session``), opened
+    before the route runs, into the state of whichever guard serves the request.
     """
 
-    def __init__(self, app: ASGIApp, registry: Registry | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, registry: Registry | None = None, declared: tuple[Declared, ...] = ()
+    ) -> None:
         self.app = app
         self.registry = registry
+        self.declared = declared
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         registry = None if scope["type"] != "http" else self.registry or _registry_of(scope)
         if registry is None:  # not HTTP, no maker installed, or served by an outer guard
+            outer = current_state() if self.declared and scope["type"] == "http" else None
+            if outer is not None:  # the guard in front of the app (stats=True) serves it
+                await self._open_declared(outer)
             await self.app(scope, receive, send)
             return
         first = _Exchange(self, registry, scope, receive, send)
@@ -230,6 +241,8 @@ class SessionGuard:
             token = CURRENT.set(weakref.ref(state))  # enter_state(), inline: one call less
             retry: Exception | None = None
             try:
+                if self.declared:
+                    await self._open_declared(state)
                 await self.app(scope, exchange.receive, exchange.send)
             except _RetryRequest as signal:
                 retry = signal.cause
@@ -240,6 +253,10 @@ class SessionGuard:
                     await exchange.close_all(retrying=retry is not None)
                 CURRENT.reset(token)
             exchange = None if retry is None else await self._again(exchange, retry)
+
+    async def _open_declared(self, state: RequestState) -> None:
+        for maker, policy, retries in self.declared:
+            await state.enter(maker, policy, retries)
 
     async def _failed(self, exchange: _Exchange, exc: Exception) -> Exception | None:
         """An attempt that raised: the error to retry it for, else a problem response (or raise)."""
@@ -333,10 +350,15 @@ def guard_routes(app: ASGIApp, registry: Registry, routes: Any) -> ASGIApp:
     of ours, no object, no context variable. Mounted routers and apps are walked too. Each route's
     guard takes the makers of the app serving the request (:func:`_registry_of`).
 
+    A route whose endpoint declares sessions (``@maker.with_session``) gets a guard that opens
+    them before the route runs.
+
     A maker that observes every request (``stats=True``, :mod:`._observe`) needs the guard in
-    front of every request instead: then this returns the guard around ``app``.
+    front of every request instead: then this returns the guard around ``app``, and only the
+    routes that declare sessions get a guard of their own (it opens them, nothing else).
     """
     if registry.observer is not None:
+        _guard_routes_of(routes, declared_only=True)
         return SessionGuard(app, registry)
     _guard_routes_of(routes)
     return app
@@ -362,12 +384,16 @@ def _unguarded_errors(registry: Registry) -> Callable[[Request, Exception], Awai
     return database_error
 
 
-def _guard_routes_of(routes: Any) -> None:
+def _guard_routes_of(routes: Any, *, declared_only: bool = False) -> None:
     for route, dependant in _compat.api_routes(routes.routes):
         if dependant is None:  # a mount: its routes too (served with the mounted app's makers, if any)
-            _guard_routes_of(route)
-        elif not isinstance(route.__dict__.get("handle"), SessionGuard) and _takes_session(dependant):
-            route.handle = SessionGuard(route.handle)
+            _guard_routes_of(route, declared_only=declared_only)
+            continue
+        if isinstance(route.__dict__.get("handle"), SessionGuard):
+            continue
+        declared = route_sessions(dependant.call)
+        if declared or (not declared_only and _takes_session(dependant)):
+            route.handle = SessionGuard(route.handle, declared=declared)
 
 
 def _registry_of(scope: Scope) -> Registry | None:

@@ -151,6 +151,13 @@ class FastAPISessionMaker(MakerBase[sa.Engine, sessionmaker[Session]]):
     def _sessionmaker_class(self) -> type[sessionmaker[Session]]:
         return sessionmaker
 
+    @property
+    def session(self) -> Session:
+        """The current request's session, in an endpoint declared with :meth:`with_session`
+        (or in a dependency of it); :class:`NotInstalledError` anywhere else."""
+        session: Session = self._request_session()
+        return session
+
     def get_db(self) -> Iterator[Session]:
         """The fastapi-utils generator dependency: commit after the endpoint, rollback on error.
 

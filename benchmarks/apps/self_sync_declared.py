@@ -1,0 +1,37 @@
+"""This library, sync, without a dependency: ``@db.with_session`` ``def`` endpoints reading
+``db.session``."""
+
+from __future__ import annotations
+
+from _common import ENGINE_OPTIONS, SYNC_URL, Item, ItemIn, ItemOut
+from fastapi import FastAPI, HTTPException
+
+from fastapi_sessionmaker import FastAPISessionMaker
+
+db = FastAPISessionMaker(SYNC_URL, engine_options=ENGINE_OPTIONS)
+app = FastAPI()
+db.init_app(app)
+
+
+@app.get("/items/{item_id}")
+@db.with_session
+def read_item(item_id: int) -> ItemOut:
+    item = db.session.get(Item, item_id)
+    if item is None:
+        raise HTTPException(404)
+    return ItemOut.model_validate(item)
+
+
+@app.post("/items")
+@db.with_session
+def create_item(data: ItemIn) -> ItemOut:
+    session = db.session
+    item = Item(name=data.name, value=data.value)
+    session.add(item)
+    session.flush()
+    return ItemOut.model_validate(item)
+
+
+@app.get("/ping")
+async def ping() -> dict[str, bool]:
+    return {"ok": True}

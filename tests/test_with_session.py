@@ -1,0 +1,208 @@
+"""``@maker.with_session`` and ``maker.session``: the request session without a dependency.
+
+The route's guard opens the declared session before the route runs and commits it before the
+status line, like a ``DBSession`` parameter; the decorated endpoint records an exception raised
+through it, so a handler's 2xx made of an exception still rolls back. Both twins, SQLite,
+PostgreSQL and MariaDB.
+"""
+
+# No ``from __future__ import annotations``: FastAPI resolves the endpoints' local annotations.
+
+import asyncio
+import inspect
+from typing import Annotated, Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+
+from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker
+from fastapi_sessionmaker.exceptions import NotInstalledError
+from tests import declared_app
+from tests.conftest import Maker, MakerFactory
+from tests.models import User, reset_tables, stored_emails
+from tests.test_route_guard import guarded
+
+
+def test_a_declared_session_commits_before_the_response(maker: Maker, sync_engine: sa.Engine) -> None:
+    """A sync endpoint in a worker thread, an async one on the loop: a unique violation at the
+    commit is a 409 problem response, never a 201; the string annotations of a module with
+    ``from __future__ import annotations`` resolve."""
+    reset_tables(sync_engine)
+    app = declared_app.build(maker)
+    with TestClient(app) as client:
+        first = client.post("/users", json={"email": "a@x"})
+        assert (first.status_code, first.json()) == (201, {"email": "a@x", "same_session": True})
+        again = client.post("/users", json={"email": "a@x"})
+        assert again.status_code == 409, again.text
+        assert again.headers["content-type"] == "application/problem+json"
+        assert client.get("/missing").status_code == 404
+    assert stored_emails(sync_engine) == ["a@x"]
+    assert guarded(app) == {"/users": True, "/missing": True}
+
+
+def test_the_decorated_endpoint_runs_with_the_endpoints_globals() -> None:
+    """FastAPI before 0.123 resolves string annotations in ``endpoint.__globals__`` as it is."""
+    maker = FastAPISessionMaker("sqlite://")
+
+    def endpoint(body: "declared_app.NewUser") -> None: ...
+
+    async def endpoint_async() -> None: ...
+
+    for function in (endpoint, endpoint_async):
+        decorated = maker.with_session(function)
+        assert decorated.__globals__ is function.__globals__
+        assert inspect.unwrap(decorated) is function
+        assert inspect.signature(decorated) == inspect.signature(function)
+        assert inspect.iscoroutinefunction(decorated) is inspect.iscoroutinefunction(function)
+
+
+def test_dependencies_of_a_declared_route_get_the_same_session(maker: Maker, sync_engine: sa.Engine) -> None:
+    """The session is open before the route runs: a dependency reads through ``maker.session``,
+    and a ``DBSession``-style parameter of the same maker is the same session, committed once."""
+    reset_tables(sync_engine)
+    app = FastAPI()
+    maker.init_app(app)
+    seen: list[Any] = []
+
+    def repository() -> Any:
+        seen.append(maker.session)
+        return maker.session
+
+    @app.post("/users")
+    @maker.with_session
+    async def create(
+        email: str,
+        repo: Annotated[Any, Depends(repository)],
+        session: Annotated[Any, maker.dependency],
+    ) -> bool:
+        repo.add(User(email=email))
+        return repo is session is maker.session
+
+    with TestClient(app) as client:
+        assert client.post("/users", params={"email": "dep@x"}).json() is True
+        assert client.post("/users", params={"email": "dep@x"}).status_code == 409
+    assert stored_emails(sync_engine) == ["dep@x"]
+    assert len(seen) == 2
+    assert seen[0] is not seen[1]  # one session per request
+
+
+def test_an_exception_a_handler_turns_into_a_200_rolls_back(maker: Maker, sync_engine: sa.Engine) -> None:
+    """The endpoint raised after its flush: its response is the handler's 200, its write is not stored."""
+    reset_tables(sync_engine)
+    app = FastAPI()
+    maker.init_app(app)
+
+    class Shrugged(Exception):
+        pass
+
+    @app.exception_handler(Shrugged)
+    async def shrug(request: Request, exc: Shrugged) -> JSONResponse:
+        return JSONResponse({"shrugged": True})
+
+    if isinstance(maker, AsyncFastAPISessionMaker):
+
+        @app.post("/users")
+        @maker.with_session
+        async def create_async(email: str) -> None:
+            maker.session.add(User(email=email))
+            await maker.session.flush()
+            raise Shrugged
+
+    else:
+
+        @app.post("/users")
+        @maker.with_session
+        def create_sync(email: str) -> None:
+            maker.session.add(User(email=email))
+            maker.session.flush()
+            raise Shrugged
+
+    with TestClient(app) as client:
+        response = client.post("/users", params={"email": "lost@x"})
+        assert (response.status_code, response.json()) == (200, {"shrugged": True})
+    assert stored_emails(sync_engine) == []
+
+
+def test_a_declared_read_only_session_does_not_write(maker: Maker, sync_engine: sa.Engine) -> None:
+    reset_tables(sync_engine)
+    app = FastAPI()
+    maker.init_app(app)
+
+    @app.post("/users")
+    @maker.with_session(policy="read_only")
+    async def create(email: str) -> None:
+        maker.session.add(User(email=email))
+        flushed = maker.session.flush()
+        if inspect.isawaitable(flushed):
+            await flushed
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/users", params={"email": "ro@x"}).status_code == 500
+    assert stored_emails(sync_engine) == []
+
+
+def test_a_declared_session_with_retries_runs_the_request_again(maker: Maker, sync_engine: sa.Engine) -> None:
+    """A serialization failure before the status line: the whole request runs again, once."""
+    reset_tables(sync_engine)
+    app = FastAPI()
+    maker.init_app(app)
+    attempts: list[Any] = []
+
+    @app.post("/users")
+    @maker.with_session(retries=2)
+    async def create(email: str) -> int:
+        attempts.append(maker.session)
+        maker.session.add(User(email=email))
+        if len(attempts) == 1:
+            raise sa.exc.OperationalError("UPDATE ...", {}, psycopg.errors.SerializationFailure())
+        return len(attempts)
+
+    with TestClient(app) as client:
+        assert client.post("/users", params={"email": "again@x"}).json() == 2
+    assert stored_emails(sync_engine) == ["again@x"]
+    assert attempts[0] is not attempts[1]  # each attempt has a session of its own
+
+
+def test_the_session_outside_a_declared_route_says_what_to_do(maker: Maker) -> None:
+    app = FastAPI()
+    maker.init_app(app, check_on_startup=False)
+
+    @app.get("/undeclared")
+    async def undeclared(session: Annotated[Any, maker.dependency]) -> None:
+        other = type(maker)("sqlite://", name="other")  # a maker this route declares nothing of
+        other.session  # noqa: B018
+
+    with TestClient(app) as client, pytest.raises(NotInstalledError, match="does not declare it"):
+        client.get("/undeclared")
+    with pytest.raises(NotInstalledError, match=r"no guarded request.*context_session\(\)"):
+        maker.session  # noqa: B018
+
+
+def test_a_declared_route_of_an_app_that_observes_opens_its_session(
+    make_maker: MakerFactory, sync_engine: sa.Engine
+) -> None:
+    """With ``stats=True`` the guard sits in front of the whole app; the declared route's own
+    guard only opens the session, into that guard's request."""
+    reset_tables(sync_engine)
+    maker = make_maker(stats=True)
+    app = declared_app.build(maker)
+    with TestClient(app) as client:
+        assert client.post("/users", json={"email": "seen@x"}).status_code == 201
+        assert client.post("/users", json={"email": "seen@x"}).status_code == 409
+    assert stored_emails(sync_engine) == ["seen@x"]
+
+
+def test_a_maker_is_declared_once_per_endpoint() -> None:
+    maker = AsyncFastAPISessionMaker("sqlite://")
+
+    async def endpoint() -> None: ...
+
+    with pytest.raises(TypeError, match="already declares a session of this maker"):
+        maker.with_session(maker.with_session(endpoint))
+    with pytest.raises(ValueError, match="retries=-1"):
+        maker.with_session(retries=-1)
+    asyncio.run(maker.dispose())
