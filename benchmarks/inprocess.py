@@ -15,8 +15,8 @@ OpenTelemetry on (``ours-sync-traced``), the async twins alike, against the hand
 ``throughput.py`` measures what users see (throughput under ``wrk``); on a shared two-core machine its
 ratios move by several per cent from round to round. This script isolates the session layer:
 each approach's app (``benchmarks/apps/``) is imported in a child process and called directly
-as an ASGI app on one asyncio loop, like uvicorn calls it (``receive`` waits on an event until
-the response is complete), with the real database behind it. The child measures its own CPU
+as an ASGI app on one asyncio loop through uvicorn's own request cycle (httptools), with the real
+database behind it: no socket, no HTTP parsing. The child measures its own CPU
 time (user + system, all threads) over a fixed number of requests after a warm-up; no other
 process shares its counter, so the number moves far less than a throughput does.
 
@@ -33,6 +33,7 @@ import asyncio
 import gc
 import importlib
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -42,6 +43,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from uvicorn.protocols.http.flow_control import FlowControl  # the bench extra, as every app is served
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 
@@ -64,6 +68,8 @@ from harness import (
 )
 
 # -- child: drive one app ------------------------------------------------------------------------
+
+_LOGGER = logging.getLogger("benchmarks.inprocess")
 
 Message = dict[str, Any]
 LAYOUT_VARIABLE = "BENCH_LAYOUT"
@@ -94,27 +100,54 @@ async def call(
         "server": ("127.0.0.1", 8000),
         "state": {},
     }
-    complete = asyncio.Event()
-    delivered = False
+    # uvicorn's own request cycle (httptools), writing to a transport that keeps the status line:
+    # the app gets the ``receive`` and ``send`` a served request gets, and every approach pays
+    # the same response serialization uvicorn does.
+    transport = _Transport()
+    cycle = RequestResponseCycle(
+        scope,  # type: ignore[arg-type]
+        transport,
+        FlowControl(transport),
+        _LOGGER,
+        _LOGGER,
+        False,  # access_log
+        [(b"server", b"uvicorn")],
+        asyncio.Event(),
+        False,  # expect_100_continue
+        True,  # keep_alive
+        _response_complete,
+    )
+    cycle.body = bytearray(body)
+    cycle.more_body = False
+    cycle.message_event.set()  # the whole body has arrived, as in a small request
+    await cycle.run_asgi(app)
+    return transport.status
+
+
+class _Transport(asyncio.Transport):
+    """What uvicorn's cycle writes the response to: it keeps the status of the status line."""
+
     status = 0
 
-    async def receive() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await complete.wait()
-        return {"type": "http.disconnect"}
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.status:
+            self.status = int(bytes(data[9:12]))  # b"HTTP/1.1 200 OK..."
 
-    async def send(message: Message) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body" and not message.get("more_body"):
-            complete.set()
+    def is_closing(self) -> bool:
+        return False
 
-    await app(scope, receive, send)
-    return status
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _response_complete() -> None:
+    pass
 
 
 async def lifespan(app: Any) -> tuple[Callable[[], Awaitable[None]], asyncio.Task[None]]:
