@@ -60,6 +60,19 @@ def test_the_decorated_endpoint_runs_with_the_endpoints_globals() -> None:
         assert inspect.iscoroutinefunction(decorated) is inspect.iscoroutinefunction(function)
 
 
+def test_an_endpoint_object_with_an_async_call_stays_async(maker: Maker) -> None:
+    app = FastAPI()
+    maker.init_app(app, check_on_startup=False)
+
+    class Endpoint:
+        async def __call__(self) -> bool:
+            return maker.session is not None
+
+    app.get("/object")(maker.with_session(Endpoint()))
+    with TestClient(app) as client:
+        assert client.get("/object").json() is True
+
+
 def test_dependencies_of_a_declared_route_get_the_same_session(maker: Maker, sync_engine: sa.Engine) -> None:
     """The session is open before the route runs: a dependency reads through ``maker.session``,
     and a ``DBSession``-style parameter of the same maker is the same session, committed once."""

@@ -391,7 +391,9 @@ def with_session(endpoint: F, declared: Declared) -> F:
 
 def _recording(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     """``endpoint``, recording in the request's state an exception raised through it."""
-    call = _recording_async(endpoint) if inspect.iscoroutinefunction(endpoint) else _recording_sync(endpoint)
+    # An object whose __call__ is async is an async endpoint too, as FastAPI tells them.
+    is_async = inspect.iscoroutinefunction(endpoint) or inspect.iscoroutinefunction(type(endpoint).__call__)
+    call = _recording_async(endpoint) if is_async else _recording_sync(endpoint)
     namespace = getattr(endpoint, "__globals__", None)
     if namespace is not None:  # the body reads closure cells and builtins only
         call = types.FunctionType(call.__code__, namespace, call.__name__, None, call.__closure__)
