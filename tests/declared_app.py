@@ -1,6 +1,7 @@
 """An app whose endpoints declare their session with ``@maker.with_session``, in a module with
 ``from __future__ import annotations``: every annotation is a string that FastAPI resolves in the
-endpoint's ``__globals__`` (FastAPI < 0.123 without unwrapping the decorated function first)."""
+endpoint's ``__globals__`` (older FastAPI versions, 0.121 among them, without unwrapping the
+decorated function first)."""
 
 from __future__ import annotations
 

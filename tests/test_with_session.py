@@ -45,7 +45,7 @@ def test_a_declared_session_commits_before_the_response(maker: Maker, sync_engin
 
 
 def test_the_decorated_endpoint_runs_with_the_endpoints_globals() -> None:
-    """FastAPI before 0.123 resolves string annotations in ``endpoint.__globals__`` as it is."""
+    """FastAPI 0.121 resolves string annotations in ``endpoint.__globals__`` as it is given."""
     maker = FastAPISessionMaker("sqlite://")
 
     def endpoint(body: "declared_app.NewUser") -> None: ...

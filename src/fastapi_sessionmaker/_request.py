@@ -374,8 +374,9 @@ def with_session(endpoint: F, declared: Declared) -> F:
 
     The returned function calls ``endpoint`` and records an exception raised through it (the
     exit-stack callback of the dependency does that for ``DBSession``), so a response an exception
-    handler makes of it still rolls back. It is built with ``endpoint``'s globals: FastAPI < 0.123
-    resolves string annotations in the endpoint's ``__globals__`` without unwrapping it. Generator
+    handler makes of it still rolls back. It is built with ``endpoint``'s globals: older FastAPI
+    versions (0.121 among them) resolve string annotations in the ``__globals__`` of the function
+    they are given, without unwrapping it. Generator
     endpoints (streamed responses) are marked, not wrapped: their response starts before they end.
     """
     previous: tuple[Declared, ...] = getattr(endpoint, ROUTE_SESSIONS, ())
