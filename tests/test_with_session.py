@@ -18,8 +18,10 @@ import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
+from starlette.types import Message
 
 from fastapi_sessionmaker import AsyncFastAPISessionMaker, FastAPISessionMaker
+from fastapi_sessionmaker._request import RequestState
 from fastapi_sessionmaker.exceptions import NotInstalledError
 from tests import declared_app
 from tests.conftest import Maker, MakerFactory
@@ -219,3 +221,109 @@ def test_a_maker_is_declared_once_per_endpoint() -> None:
     with pytest.raises(ValueError, match="retries=-1"):
         maker.with_session(retries=-1)
     asyncio.run(maker.dispose())
+
+
+def test_a_sync_declared_session_takes_its_pool_slot_once_the_body_is_complete(
+    database_url: str, sync_engine: sa.Engine
+) -> None:
+    """A slow upload holds no pool slot: the guard opens a sync maker's declared session when the
+    request body is complete (a ``DBSession`` parameter is solved after FastAPI read the body)."""
+    reset_tables(sync_engine)
+    maker = FastAPISessionMaker(database_url)
+    app = declared_app.build(maker)
+
+    async def scenario() -> tuple[int, int, list[Message]]:
+        async with app.router.lifespan_context(app):
+            rest = asyncio.Event()
+            waiting = asyncio.Event()
+            calls = 0
+
+            async def receive() -> Message:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    return {"type": "http.request", "body": b'{"email": "sl', "more_body": True}
+                waiting.set()
+                await rest.wait()
+                return {"type": "http.request", "body": b'ow@x"}', "more_body": False}
+
+            sent: list[Message] = []
+
+            async def send(message: Message) -> None:
+                sent.append(message)
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/users",
+                "raw_path": b"/users",
+                "root_path": "",
+                "query_string": b"",
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"20")],
+                "client": ("127.0.0.1", 1),
+                "server": ("127.0.0.1", 80),
+                "state": {},
+                "app": app,
+            }
+            request = asyncio.create_task(app(scope, receive, send))
+            await asyncio.wait_for(waiting.wait(), 10)
+            limiter = maker.lifecycle.limiter()
+            assert limiter is not None
+            semaphore = limiter._semaphores.get(asyncio.get_running_loop())
+            free_during_upload = limiter.size() if semaphore is None else semaphore._value
+            rest.set()
+            await asyncio.wait_for(request, 10)
+            return free_during_upload, limiter.size(), sent
+
+    free, size, sent = asyncio.run(scenario())
+    assert free == size  # no slot taken while the body was still coming
+    assert sent[0]["status"] == 201, sent
+    assert stored_emails(sync_engine) == ["slow@x"]
+
+
+def test_a_body_the_endpoint_never_reads_still_gets_its_declared_session(
+    make_maker: MakerFactory, sync_engine: sa.Engine
+) -> None:
+    """A POST with a body and no body parameter (FastAPI never reads it): the session opens where
+    it is first used, as ``get_db()``'s does; a dependency of a body route sees the same one."""
+    reset_tables(sync_engine)
+    maker = make_maker()
+    app = FastAPI()
+    maker.init_app(app)
+
+    def repository() -> Any:
+        return maker.session
+
+    @app.post("/touch", status_code=201)
+    @maker.with_session
+    def touch(email: str, repo: Annotated[Any, Depends(repository)]) -> bool:
+        maker.session.add(User(email=email))
+        return repo is maker.session
+
+    with TestClient(app) as client:
+        response = client.post("/touch", params={"email": "t@x"}, json={})
+        assert (response.status_code, response.json()) == (201, True)
+        assert client.post("/touch", params={"email": "t@x"}, json={}).status_code == 409
+    assert stored_emails(sync_engine) == ["t@x"]
+
+
+def test_a_pool_timeout_while_the_body_completes_is_a_503_not_a_bad_body(
+    database_url: str, sync_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI turns an error raised while it reads the body into a 400: the guard keeps the
+    error of a declared session it could not open and raises it where the session is used."""
+    reset_tables(sync_engine)
+    maker = FastAPISessionMaker(database_url)  # only a sync maker's session waits for the body
+    app = declared_app.build(maker)
+
+    async def timed_out(self: RequestState, *args: Any) -> Any:
+        raise sa.exc.TimeoutError("QueuePool limit of size 1 overflow 0 reached")
+
+    monkeypatch.setattr(RequestState, "open", timed_out)
+    with TestClient(app) as client:
+        response = client.post("/users", json={"email": "late@x"})
+    assert response.status_code == 503, response.text
+    assert stored_emails(sync_engine) == []

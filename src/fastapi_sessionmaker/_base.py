@@ -420,8 +420,8 @@ class MakerBase(Generic[EngineT, FactoryT]):
         dependency for it, which saves about 15 µs per request (``benchmarks/dependency_cost.py``).
         An exception raised through the endpoint rolls back, whatever response a handler makes
         of it. The route must exist when the app starts (the guard is installed then). A sync
-        maker's pool slot is taken before the request body is read (a ``DBSession`` parameter
-        takes it after): for routes that receive large or slow uploads, prefer ``DBSession``.
+        maker's session waits for a request body to be complete, as a ``DBSession`` parameter
+        does, so a slow upload holds no pool slot.
 
         Args:
             endpoint: The endpoint (the decorator written without arguments).

@@ -126,6 +126,8 @@ class _Exchange:
                 return message
         if self.replayable:
             self._record(message)
+        if self.state.pending and not message.get("more_body"):  # the body is complete
+            await self.state.open_pending()
         return message
 
     def _record(self, message: Message) -> None:
@@ -228,7 +230,7 @@ class SessionGuard:
         if registry is None:  # not HTTP, no maker installed, or served by an outer guard
             outer = current_state() if self.declared and scope["type"] == "http" else None
             if outer is not None:  # the guard in front of the app (stats=True) serves it
-                await self._open_declared(outer)
+                await self._open_declared(outer, None)
             await self.app(scope, receive, send)
             return
         first = _Exchange(self, registry, scope, receive, send)
@@ -242,7 +244,7 @@ class SessionGuard:
             retry: Exception | None = None
             try:
                 if self.declared:
-                    await self._open_declared(state)
+                    await self._open_declared(state, scope)
                 await self.app(scope, exchange.receive, exchange.send)
             except _RetryRequest as signal:
                 retry = signal.cause
@@ -254,9 +256,18 @@ class SessionGuard:
                 CURRENT.reset(token)
             exchange = None if retry is None else await self._again(exchange, retry)
 
-    async def _open_declared(self, state: RequestState) -> None:
+    async def _open_declared(self, state: RequestState, scope: Scope | None) -> None:
+        """Open the route's declared sessions; a sync maker's, when the request has a body, once
+        the body is complete (``_Exchange.receive``): its pool slot is not held during an upload."""
         for maker, policy, retries in self.declared:
-            await state.enter(maker, policy, retries)
+            if not maker.is_async and scope is not None and _has_body(scope):
+                if retries > state.retries:
+                    state.retries = retries
+                if state.pending is None:
+                    state.pending = []
+                state.pending.append((maker, policy))
+            else:
+                await state.enter(maker, policy, retries)
 
     async def _failed(self, exchange: _Exchange, exc: Exception) -> Exception | None:
         """An attempt that raised: the error to retry it for, else a problem response (or raise)."""
@@ -394,6 +405,16 @@ def _guard_routes_of(routes: Any, *, declared_only: bool = False) -> None:
         declared = route_sessions(dependant.call)
         if declared or (not declared_only and _takes_session(dependant)):
             route.handle = SessionGuard(route.handle, declared=declared)
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (a non-zero ``content-length``, or chunked)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return bool(value != b"0")
+        if name == b"transfer-encoding":
+            return True
+    return False
 
 
 def _registry_of(scope: Scope) -> Registry | None:

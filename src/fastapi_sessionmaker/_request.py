@@ -144,6 +144,12 @@ class RequestState:
     """Set when a request of several databases was stored in some of them only (see _multidb)."""
     stats: RequestStats | None = None
     """What the request did in the database, when an installed maker observes (:mod:`._observe`)."""
+    pending: list[tuple[RequestMaker, CommitPolicy | None]] | None = None
+    """Declared sessions of sync makers waiting for the request body (see ``_guard``), opened by
+    the guard when it is complete, or by :func:`session_of` if the body is never read."""
+    open_error: Exception | None = None
+    """Why a session in :attr:`pending` could not be opened (a pool timeout): raised where it is
+    used, since FastAPI would turn an error raised while it reads the body into a 400."""
     loop_only = True
     """Every session is an async maker's: ending and closing them runs our code, SQLAlchemy and an
     asyncio driver only (no anyio, no worker thread), so the guard runs it in the request's own
@@ -189,7 +195,7 @@ class RequestState:
             self.raised = True
         return False  # never swallow the exception
 
-    def share(self, maker: RequestMaker) -> Any:
+    def share(self, maker: RequestMaker, policy: CommitPolicy | None = None) -> Any:
         """The request's session for ``maker`` for ``get_db()``: the same one ``DBSession`` gets.
 
         Opened here (without a pool slot: ``get_db`` runs in a worker thread) when no dependency
@@ -198,9 +204,19 @@ class RequestState:
         for entry in self.entries:
             if entry.maker is maker:
                 return entry.session
-        session = maker.lifecycle.open(maker.policy)
-        self._add(_Entry(maker, session, maker.policy, None))
+        chosen = maker.policy if policy is None else policy
+        session = maker.lifecycle.open(chosen)
+        self._add(_Entry(maker, session, chosen, None))
         return session
+
+    async def open_pending(self) -> None:
+        """Open the declared sessions that waited for the request body (it is complete)."""
+        pending, self.pending = self.pending or [], None
+        try:
+            for maker, policy in pending:
+                await self.open(maker, policy)
+        except Exception as exc:
+            self.open_error = exc
 
     async def finish(
         self, status: int | None, client_gone: Callable[[], Awaitable[bool]] | None = None
@@ -446,6 +462,11 @@ def session_of(maker: RequestMaker) -> Any:
         for entry in state.entries:
             if entry.maker is maker:
                 return entry.session
+        if state.open_error is not None:
+            raise state.open_error
+        for waiting, policy in state.pending or ():
+            if waiting is maker:  # the endpoint did not read the request body: no slot, as get_db()
+                return state.share(maker, policy)
     kind = "async " if maker.is_async else ""
     raise NotInstalledError(
         f"fastapi_sessionmaker: maker.session (database {maker.name!r}) is the request session of "
