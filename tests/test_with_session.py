@@ -223,13 +223,15 @@ def test_a_maker_is_declared_once_per_endpoint() -> None:
     asyncio.run(maker.dispose())
 
 
+@pytest.mark.parametrize("stats", [False, True], ids=["route-guard", "stats"])
 def test_a_sync_declared_session_takes_its_pool_slot_once_the_body_is_complete(
-    database_url: str, sync_engine: sa.Engine
+    database_url: str, sync_engine: sa.Engine, stats: bool
 ) -> None:
     """A slow upload holds no pool slot: the guard opens a sync maker's declared session when the
-    request body is complete (a ``DBSession`` parameter is solved after FastAPI read the body)."""
+    request body is complete (a ``DBSession`` parameter is solved after FastAPI read the body),
+    also when the guard in front of the whole app (``stats=True``) serves the request."""
     reset_tables(sync_engine)
-    maker = FastAPISessionMaker(database_url)
+    maker = FastAPISessionMaker(database_url, stats=stats)
     app = declared_app.build(maker)
 
     async def scenario() -> tuple[int, int, list[Message]]:

@@ -27,7 +27,14 @@ from fastapi_sessionmaker._replicas import (
     ReplicaSet,
     install_positions,
 )
-from fastapi_sessionmaker._request import ErrorMapper, current_state, dependency_for, session_of, with_session
+from fastapi_sessionmaker._request import (
+    ErrorMapper,
+    F,
+    current_state,
+    dependency_for,
+    session_of,
+    with_session,
+)
 from fastapi_sessionmaker._sessions import checked_session_class
 from fastapi_sessionmaker._settings import DatabaseSettings
 from fastapi_sessionmaker._urls import render_url, resolve_url
@@ -40,8 +47,6 @@ if TYPE_CHECKING:
     from fastapi_sessionmaker.alembic import Migrations
 
 __all__ = ["Limiter", "MakerBase"]
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Limiter:

@@ -224,13 +224,15 @@ class SessionGuard:
         self.app = app
         self.registry = registry
         self.declared = declared
+        # Only a sync maker's declared session waits for the request body: async routes skip the look.
+        self._body_matters = any(not maker.is_async for maker, _, _ in declared)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         registry = None if scope["type"] != "http" else self.registry or _registry_of(scope)
         if registry is None:  # not HTTP, no maker installed, or served by an outer guard
             outer = current_state() if self.declared and scope["type"] == "http" else None
             if outer is not None:  # the guard in front of the app (stats=True) serves it
-                await self._open_declared(outer, None)
+                await self._open_declared(outer, scope)
             await self.app(scope, receive, send)
             return
         first = _Exchange(self, registry, scope, receive, send)
@@ -256,18 +258,12 @@ class SessionGuard:
                 CURRENT.reset(token)
             exchange = None if retry is None else await self._again(exchange, retry)
 
-    async def _open_declared(self, state: RequestState, scope: Scope | None) -> None:
-        """Open the route's declared sessions; a sync maker's, when the request has a body, once
-        the body is complete (``_Exchange.receive``): its pool slot is not held during an upload."""
+    async def _open_declared(self, state: RequestState, scope: Scope) -> None:
+        """Open the route's declared sessions into ``state``; a sync maker's, when the request has
+        a body, once the body is complete (the serving guard's ``_Exchange.receive``)."""
+        body = self._body_matters and _has_body(scope)
         for maker, policy, retries in self.declared:
-            if not maker.is_async and scope is not None and _has_body(scope):
-                if retries > state.retries:
-                    state.retries = retries
-                if state.pending is None:
-                    state.pending = []
-                state.pending.append((maker, policy))
-            else:
-                await state.enter(maker, policy, retries)
+            await state.declare(maker, policy, retries, body=body)
 
     async def _failed(self, exchange: _Exchange, exc: Exception) -> Exception | None:
         """An attempt that raised: the error to retry it for, else a problem response (or raise)."""

@@ -159,8 +159,11 @@ class RequestState:
         self.registry = registry
         self.entries: list[_Entry] = []
 
-    async def open(self, maker: RequestMaker, policy: CommitPolicy | None) -> Any:
-        """The request's session for ``maker``: one per maker and request, opened on first use."""
+    async def open(self, maker: RequestMaker, policy: CommitPolicy | None, retries: int = 0) -> Any:
+        """The request's session for ``maker``: one per maker and request, opened on first use;
+        ``retries``: the re-runs this session allows the request (the most any of its sessions asks)."""
+        if retries > self.retries:
+            self.retries = retries
         for entry in self.entries:
             if entry.maker is maker:
                 return entry.session
@@ -177,12 +180,18 @@ class RequestState:
         self._add(_Entry(maker, session, chosen, semaphore))
         return session
 
-    async def enter(self, maker: RequestMaker, policy: CommitPolicy | None, retries: int) -> Any:
-        """:meth:`open`, allowing the request ``retries`` re-runs (the most any of its sessions asks)."""
-        session = await self.open(maker, policy)
-        if retries > self.retries:
-            self.retries = retries
-        return session
+    async def declare(
+        self, maker: RequestMaker, policy: CommitPolicy | None, retries: int, *, body: bool
+    ) -> None:
+        """A session declared with ``@maker.with_session``: opened now, or, for a sync maker while a
+        request ``body`` is still to come, once it is (:meth:`open_pending`): its pool slot is not
+        held during an upload, as a ``DBSession`` parameter's is not (FastAPI reads the body first)."""
+        if body and not maker.is_async:
+            if retries > self.retries:
+                self.retries = retries
+            self.pending = [*(self.pending or ()), (maker, policy)]
+        else:
+            await self.open(maker, policy, retries)
 
     def _add(self, entry: _Entry) -> None:
         self.entries.append(entry)
@@ -368,7 +377,7 @@ def dependency_for(
                 "(scope['fastapi_function_astack']), so an exception raised by the endpoint could "
                 "not be seen before the commit: use fastapi>=0.121 and report the version you run"
             )
-        session = await state.enter(resolve(state), policy, retries)
+        session = await state.open(resolve(state), policy, retries)
         stack.push(state.record_exit)
         return session
 
