@@ -213,10 +213,12 @@ class Timeout:
                 await send({"type": "http.response.body", "body": b"timeout"})
 
 
+@pytest.mark.parametrize("style", ["parameter", "declared"])
 def test_a_timeout_cancelling_a_sync_endpoint_never_ends_its_session_concurrently(
-    database_url: str, sync_engine: sa.Engine, serve: Serve
+    database_url: str, sync_engine: sa.Engine, serve: Serve, style: str
 ) -> None:
-    """The endpoint keeps using its session in its worker thread after the 504 went out.
+    """The endpoint keeps using its session in its worker thread after the 504 went out; the same
+    with the session declared (``@maker.with_session``, read as ``maker.session``).
 
     Before the fix the guard rolled back and closed that session from another thread at the same
     time: SQLite segfaulted the server, MariaDB answered ``Packet sequence number wrong``.
@@ -230,8 +232,7 @@ def test_a_timeout_cancelling_a_sync_endpoint_never_ends_its_session_concurrentl
     finished: list[str] = []
     errors: list[str] = []
 
-    @app.post("/slow/{n}")
-    def slow(n: int, session: Db) -> str:
+    def work(n: int, session: Any) -> str:
         ends = time.monotonic() + 0.4  # runs on well after the 504 went out
         i = 0
         try:
@@ -247,6 +248,18 @@ def test_a_timeout_cancelling_a_sync_endpoint_never_ends_its_session_concurrentl
             errors.append(repr(exc))
         finished.append(str(n))
         return "done"
+
+    if style == "parameter":
+
+        @app.post("/slow/{n}")
+        def slow(n: int, session: Db) -> str:
+            return work(n, session)
+    else:
+
+        @app.post("/slow/{n}")
+        @maker.with_session
+        def slow_declared(n: int) -> str:
+            return work(n, maker.session)
 
     @app.get("/count")
     def count(session: Db) -> int:
